@@ -1,0 +1,43 @@
+"""`lors-fast env`: versions, devices and the loss backend that will run."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+
+import click
+
+
+def _version(mod: str) -> str:
+    try:
+        m = importlib.import_module(mod)
+    except Exception as e:  # noqa: BLE001 - report any import failure as text
+        return f"not importable ({type(e).__name__})"
+    return getattr(m, "__version__", "installed")
+
+
+@click.command()
+def env():
+    """Print versions, the device, and which loss backend `auto` picks."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch
+
+    import lors_fast
+    from lors_fast.functional import resolve_backend, triton_available
+
+    rows = [("lors-fast", lors_fast.__version__), ("python", platform.python_version()),
+            ("platform", platform.platform()), ("torch", torch.__version__)]
+    for mod in ("triton", "torchvision", "open_clip", "timm", "transformers", "deepspeed", "safetensors", "numpy"):
+        rows.append((mod, _version(mod)))
+    cuda = torch.cuda.is_available()
+    rows.append(("cuda", f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})" if cuda else "not available"))
+    rows.append(("cpu threads", str(torch.get_num_threads())))
+    device = torch.device("cuda" if cuda else "cpu")
+    rows.append(("loss backend (auto)", f"{resolve_backend('auto', device)} on {device}"))
+    rows.append(("triton kernels", "available" if triton_available() else "unavailable"))
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        rows.append(("TRITON_INTERPRET", "on (kernels run on CPU in the interpreter)"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"{k:<{width}}  {v}")

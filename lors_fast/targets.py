@@ -1,0 +1,162 @@
+"""Soft image–text targets: the learned similarity matrix S of LoRS.
+
+S = diag(a) + c·L·Rᵀ with a ∈ ℝᴺ, L, R ∈ ℝᴺˣʳ, c = α/r (the LoRA-style scale). S is never materialised
+except by :meth:`LowRankTarget.dense`; a minibatch's target S[idx, idx] is the target built from the row
+slices (a[idx], L[idx], R[idx]).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["LowRankTarget", "LowRankSimilarity", "FullSimilarity"]
+
+
+def _check_indices(indices, n: int) -> torch.Tensor:
+    idx = torch.as_tensor(indices)
+    if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise ValueError(f"indices must be integers, got dtype {idx.dtype}")
+    if idx.dim() != 1:
+        raise ValueError(f"indices must be 1-D, got shape {tuple(idx.shape)}")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        raise ValueError(f"indices must lie in [0, {n}), got range [{int(idx.min())}, {int(idx.max())}]")
+    return idx.long()
+
+
+class LowRankTarget:
+    """S = diag(diag) + scale·left·rightᵀ, kept as factors.
+
+    Args:
+        diag: (N,) tensor a.
+        left: (N, r) tensor L.
+        right: (N, r) tensor R.
+        scale: c = α/r, a float or a 0-dim tensor (gradients flow to it when it is a tensor).
+    """
+
+    def __init__(self, diag: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale=1.0):
+        for name, t in (("diag", diag), ("left", left), ("right", right)):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"LowRankTarget.{name} must be a torch.Tensor, got {type(t).__name__}")
+        if diag.dim() != 1:
+            raise ValueError(f"LowRankTarget.diag must be 1-D (N,), got shape {tuple(diag.shape)}")
+        n = diag.shape[0]
+        if left.dim() != 2 or left.shape[0] != n:
+            raise ValueError(f"LowRankTarget.left must have shape ({n}, r), got {tuple(left.shape)}")
+        if right.shape != left.shape:
+            raise ValueError(
+                f"LowRankTarget.right must have the shape of left {tuple(left.shape)}, got {tuple(right.shape)}"
+            )
+        if left.shape[1] < 1:
+            raise ValueError(f"LowRankTarget rank must be >= 1, got left of shape {tuple(left.shape)}")
+        if isinstance(scale, torch.Tensor):
+            if scale.numel() != 1:
+                raise ValueError(f"LowRankTarget.scale must be a scalar, got shape {tuple(scale.shape)}")
+            scale = scale.reshape(())
+        elif not isinstance(scale, (int, float)):
+            raise ValueError(f"LowRankTarget.scale must be a float or 0-dim tensor, got {type(scale).__name__}")
+        self.diag, self.left, self.right, self.scale = diag, left, right, scale
+
+    @property
+    def n(self) -> int:
+        return self.diag.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.left.shape[1]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.n)
+
+    def scaled_left(self) -> torch.Tensor:
+        """c·L (differentiable in c and L)."""
+        return self.left * self.scale
+
+    def select(self, indices) -> LowRankTarget:
+        """The target of a minibatch: S[idx][:, idx] as factors (no N×N work)."""
+        idx = _check_indices(indices, self.n).to(self.diag.device)
+        return LowRankTarget(self.diag[idx], self.left[idx], self.right[idx], self.scale)
+
+    def dense(self) -> torch.Tensor:
+        """Materialise S (N×N). For tests, references and small N only."""
+        return torch.diag_embed(self.diag) + self.scaled_left() @ self.right.T
+
+    def row_sums(self) -> torch.Tensor:
+        """S·1 = a + c·L(Rᵀ1), O(N·r)."""
+        return self.diag + self.scaled_left() @ self.right.sum(0)
+
+    def col_sums(self) -> torch.Tensor:
+        """Sᵀ·1 = a + c·R(Lᵀ1), O(N·r)."""
+        return self.diag + self.right @ self.scaled_left().sum(0)
+
+    def to(self, *args, **kwargs) -> LowRankTarget:
+        s = self.scale.to(*args, **kwargs) if isinstance(self.scale, torch.Tensor) else self.scale
+        return LowRankTarget(self.diag.to(*args, **kwargs), self.left.to(*args, **kwargs),
+                             self.right.to(*args, **kwargs), s)
+
+    def __repr__(self) -> str:
+        return f"LowRankTarget(n={self.n}, rank={self.rank}, scale={float(self.scale):.4g})"
+
+
+class LowRankSimilarity(nn.Module):
+    """Learnable S = diag(a) + (α/r)·L·Rᵀ, initialised as the reference: a = 1, L ~ N(0, 1), R = 0 (so S = I).
+
+    Args:
+        n: number of synthetic pairs N.
+        rank: r ≥ 1.
+        alpha: α (LoRA scale numerator); the factor applied is α/r.
+        generator: optional torch.Generator for the initialisation of L.
+    """
+
+    def __init__(self, n: int, rank: int, alpha: float = 1.0, *, generator: torch.Generator | None = None,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"LowRankSimilarity n must be a positive int, got {n!r}")
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"LowRankSimilarity rank must be a positive int, got {rank!r}")
+        alpha = float(alpha)
+        if not torch.isfinite(torch.tensor(alpha)):
+            raise ValueError(f"LowRankSimilarity alpha must be finite, got {alpha!r}")
+        self.n, self.rank, self.alpha = n, rank, alpha
+        self.diag = nn.Parameter(torch.ones(n, dtype=dtype))
+        self.left = nn.Parameter(torch.randn(n, rank, generator=generator, dtype=dtype))
+        self.right = nn.Parameter(torch.zeros(n, rank, dtype=dtype))
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def target(self, indices=None) -> LowRankTarget:
+        t = LowRankTarget(self.diag, self.left, self.right, self.scale)
+        return t if indices is None else t.select(indices)
+
+    def dense(self) -> torch.Tensor:
+        return self.target().dense()
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, rank={self.rank}, alpha={self.alpha}"
+
+
+class FullSimilarity(nn.Module):
+    """Learnable dense S (N×N), initialised to the identity. ``target(idx)`` is the block S[idx][:, idx]."""
+
+    def __init__(self, n: int, *, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"FullSimilarity n must be a positive int, got {n!r}")
+        self.n = n
+        self.full = nn.Parameter(torch.eye(n, dtype=dtype))
+
+    def target(self, indices=None) -> torch.Tensor:
+        if indices is None:
+            return self.full
+        idx = _check_indices(indices, self.n).to(self.full.device)
+        return self.full[idx[:, None], idx]
+
+    def dense(self) -> torch.Tensor:
+        return self.full
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}"
