@@ -1,0 +1,651 @@
+#!/usr/bin/env python
+"""One prepared GPU run for the fused Triton backend: correctness sweep, config sweep, timings, memory.
+
+    export PYTHONPATH=$PWD PYTHONUNBUFFERED=1; python bench/gpu_check.py 2>&1 | tee $OUT/log.txt
+
+Sections (each guarded by a time budget and its own try/except, so the whole run ends by ~270 s):
+  1. meta + the card's own dense matmul rate (bf16, tf32, fp16) as the ceiling;
+  2. correctness of the primitives (lse, pairsum φ × target) vs a float64 oracle: values, first derivatives
+     and second derivatives, fp32 (ieee and tf32), bf16, fp16; low precision judged by the flash-attention
+     rule: err ≤ 2·err(torch eager in that dtype) + floor;
+  3. a small block-config sweep of the bf16 forward/backward kernels (the best is used for section 4);
+  4. timings (median, p20, p80 via triton.testing.do_bench) of lors_fast.contrastive_loss fwd+bwd for
+     triton, eager reference and torch.compile(reference), TFLOP/s by the FLOP model 8·N²·(d+r), peak memory;
+     double backward at N = 8192.
+Writes $OUT/gpu_results.json and $OUT/gpu_results.md (bench/ when OUT is unset).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+
+T0 = time.time()
+BUDGET = float(os.environ.get("GPU_CHECK_BUDGET", "270"))
+# GPU_CHECK_DRYRUN=1: a CPU smoke run of the script's own code under the Triton interpreter (tiny sizes)
+DRY = os.environ.get("GPU_CHECK_DRYRUN", "0") == "1"
+if DRY:
+    os.environ["TRITON_INTERPRET"] = "1"
+elif os.environ.get("TRITON_INTERPRET", "0") == "1":
+    print("TRITON_INTERPRET=1 is set: this script needs the real GPU compiler; unsetting it", flush=True)
+    os.environ["TRITON_INTERPRET"] = "0"
+DEV = "cpu" if DRY else "cuda"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+OUT = os.environ.get("OUT") or os.path.dirname(os.path.abspath(__file__))
+RES: dict = {"meta": {}, "ceiling": {}, "correctness": [], "sweep": [], "timing": [], "double_backward": [],
+             "errors": []}
+F64 = torch.float64
+
+
+def _sz(n, cap=40):
+    """Sizes shrink in a dry run (the interpreter's cost grows with the number of programs)."""
+    return min(n, cap) if DRY else n
+
+
+def el():
+    return time.time() - T0
+
+
+def log(*a):
+    print(f"[{el():6.1f}s]", *a, flush=True)
+
+
+def run_section(name, fn, until):
+    if el() > until:
+        log(f"SKIP section {name}: past its time budget")
+        RES["errors"].append({"section": name, "error": "skipped: no time left"})
+        return
+    log(f"== {name} (until {until:.0f}s)")
+    try:
+        fn(until)
+    except Exception as e:  # report and continue
+        log(f"ERROR in {name}: {type(e).__name__}: {e}")
+        RES["errors"].append({"section": name, "error": f"{type(e).__name__}: {e}",
+                              "trace": traceback.format_exc()[-3000:]})
+    if not DRY:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def bench(fn, warmup=5, rep=40):
+    if DRY:
+        t = time.time()
+        fn()
+        return [(time.time() - t) * 1e3] * 3
+    import triton.testing as tt
+
+    q = tt.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
+    return [float(x) for x in q]
+
+
+def peak_mem(fn):
+    if DRY:
+        return 0.0
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+# ------------------------------------------------------------------------------------------- meta
+def sec_meta(until):
+    import triton
+
+    import lors_fast
+
+    if DRY:
+        RES["meta"] = dict(gpu="dry run (CPU interpreter)", torch=torch.__version__, triton=triton.__version__)
+        return
+    p = torch.cuda.get_device_properties(0)
+    RES["meta"] = dict(gpu=p.name, sm=f"{p.major}.{p.minor}", mem_gib=round(p.total_memory / 2**30, 1),
+                       sms=p.multi_processor_count, torch=torch.__version__, cuda=torch.version.cuda,
+                       triton=triton.__version__, lors_fast=lors_fast.__version__, python=platform.python_version(),
+                       date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+    log(RES["meta"])
+
+
+def sec_ceiling(until):
+    if DRY:
+        return
+    n = 8192
+    for name, dt, tf32 in (("bf16", torch.bfloat16, False), ("fp16", torch.float16, False),
+                           ("tf32", torch.float32, True)):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        a = torch.randn(n, n, device=DEV, dtype=dt)
+        b = torch.randn(n, n, device=DEV, dtype=dt)
+        ms = bench(lambda a=a, b=b: a @ b, warmup=10, rep=100)
+        RES["ceiling"][name] = dict(ms=ms[0], tflops=2 * n**3 / ms[0] / 1e9)
+        log(f"matmul {name} {n}^3: {ms[0]:.3f} ms, {RES['ceiling'][name]['tflops']:.0f} TFLOP/s")
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
+# ------------------------------------------------------------------------------------ correctness
+def oracle_lse(U, V, s, b):
+    Z = s * U @ V.T + (0.0 if b is None else b)
+    return torch.logsumexp(Z, 1), torch.logsumexp(Z, 0)
+
+
+def oracle_pairsum(kind, U, V, s, b, tgt, npos=None, nneg=None):
+    Z = s * U @ V.T + (0.0 if b is None else b)
+    if kind == "softplus":
+        return F.softplus(Z).sum()
+    S = torch.eye(U.shape[0], dtype=Z.dtype, device=Z.device) if tgt is None else \
+        torch.diag(tgt[1]) + tgt[2] @ tgt[3].T
+    S = S.to(Z.dtype)
+    if kind == "bce":
+        f = S * F.softplus(-Z).clamp_max(100) + (1 - S) * F.softplus(Z).clamp_max(100)
+    elif kind == "mse":
+        f = (torch.sigmoid(Z) - S) ** 2
+    else:
+        sg = torch.sigmoid(Z)
+        w = torch.where(S > 0.5, torch.full_like(S, 0.5 / (float(npos) + 1e-6)),
+                        torch.full_like(S, 0.5 / (float(nneg) + 1e-6)))
+        f = w * (-S * torch.log(sg + 1e-6) - (1 - S) * torch.log(1 - sg + 1e-6))
+    return f.sum()
+
+
+def _derivs(fn, xs, seed):
+    out = fn(*xs)
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    if isinstance(out, tuple):
+        loss = sum((torch.randn(o.shape, generator=g, device=DEV, dtype=F64).to(o.dtype) * o).sum()
+                   for o in out)
+        val = torch.cat([o.reshape(-1) for o in out])
+    else:
+        loss, val = out, out.reshape(1)
+    g1 = torch.autograd.grad(loss, xs, create_graph=True, allow_unused=True)
+    f2 = sum((torch.randn(x.shape, generator=g, device=DEV, dtype=F64).to(x.dtype) * x).sum()
+             for x in g1 if x is not None)
+    g2 = torch.autograd.grad(f2, xs, allow_unused=True)
+    return [val] + list(g1) + list(g2)
+
+
+def _relerr(a, e, floor_scale=0.0):
+    """max|a − e| / max(max|e|, floor_scale): floor_scale (a fraction of the largest tensor of the same
+    derivative order) keeps derivatives that are exactly zero in exact arithmetic (e.g. ∂²lse/∂b²) from
+    being judged relative to rounding noise."""
+    if a is None or e is None:
+        return 0.0 if (a is None and e is None) else float("nan")
+    a, e = a.detach().double(), e.detach().double()
+    return float((a - e).abs().max() / max(float(e.abs().max()), floor_scale, 1e-30))
+
+
+MODES = {  # name: (dtype, triton fp32 precision, eager allow_tf32, floor)
+    "fp32-ieee": (torch.float32, "ieee", False, 1e-4),
+    "fp32-tf32": (torch.float32, "tf32", True, 2e-3),
+    "bf16": (torch.bfloat16, "ieee", False, 1e-2),
+    "fp16": (torch.float16, "ieee", False, 2e-3),
+}
+
+
+def correctness_case(prim_name, kind, tgt_kind, M, N, d, mode, bias=True, r=10, seed=0):
+    from lors_fast.ops.triton_backend import TritonPrimitives
+
+    dtype, prec, eager_tf32, floor = MODES[mode]
+    M, N, d = _sz(M), (_sz(N) if N == M else _sz(N, 45)), _sz(d, 48)
+    P = TritonPrimitives(fp32_precision=prec)
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    U = (torch.randn(M, d, generator=g, device=DEV, dtype=F64) / d**0.5).to(dtype).double()
+    V = (torch.randn(N, d, generator=g, device=DEV, dtype=F64) / d**0.5).to(dtype).double()
+    base = [U, V, torch.tensor(10.0, device=DEV, dtype=F64)]
+    if bias:
+        base.append(torch.tensor(-1.0, device=DEV, dtype=F64))
+    if tgt_kind == "lowrank":
+        base += [torch.rand(N, generator=g, device=DEV, dtype=F64),
+                 torch.randn(N, r, generator=g, device=DEV, dtype=F64) * 0.2,
+                 torch.randn(N, r, generator=g, device=DEV, dtype=F64) * 0.2]
+    npos = nneg = None
+    if kind == "wbce":
+        # counted on the fp32 factors the kernel sees (its S > 0.5 mask is built from them)
+        t32 = None if tgt_kind != "lowrank" else ("lowrank", *[x.float() for x in base[-3:]])
+        npos = P.count_pos(t32, N)
+        nneg = N * N - npos
+
+    def make(dt, sdt):
+        xs = [x.detach().to(dt if i < 2 else sdt).requires_grad_(True) for i, x in enumerate(base)]
+        return xs
+
+    def call(fn_lse, fn_pair):
+        def f(*xs):
+            U_, V_, s_ = xs[:3]
+            b_ = xs[3] if bias else None
+            rest = xs[4:] if bias else xs[3:]
+            t_ = ("lowrank", *rest) if tgt_kind == "lowrank" else None
+            if prim_name == "lse":
+                return fn_lse(U_, V_, s_, b_)
+            return fn_pair(kind, U_, V_, s_, b_, t_, npos, nneg)
+        return f
+
+    kern = call(P.lse, lambda k, *a: P.pairsum(k, *a[:5], npos=a[5], nneg=a[6]))
+    orac = call(oracle_lse, oracle_pairsum)
+    ref = _derivs(orac, make(F64, F64), seed + 1)
+    out = _derivs(kern, make(dtype, torch.float32), seed + 1)
+    torch.backends.cuda.matmul.allow_tf32 = eager_tf32
+    try:
+        eag = _derivs(orac, make(dtype, dtype), seed + 1)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    n_in = len(base)
+    names = ["value"] + [f"d{i}" for i in range(n_in)] + [f"dd{i}" for i in range(n_in)]
+    rows = []
+    ok = True
+    gmax = [float(ref[0].abs().max()),
+            max(float(x.abs().max()) for x in ref[1:1 + n_in] if x is not None),
+            max([float(x.abs().max()) for x in ref[1 + n_in:] if x is not None] + [0.0])]
+    for i, (nm, a, e, q) in enumerate(zip(names, out, ref, eag)):
+        fl = 1e-3 * gmax[0 if i == 0 else (1 if i <= n_in else 2)]
+        ek, ee = _relerr(a, e, fl), _relerr(q, e, fl)
+        lim = 2 * (ee if math.isfinite(ee) else 0.0) + floor
+        passed = bool(ek <= lim) or (a is None and e is None)
+        ok &= passed
+        rows.append(dict(name=nm, err=ek, eager_err=ee, limit=lim, ok=passed))
+    rec = dict(prim=prim_name, kind=kind, target=tgt_kind, M=M, N=N, d=d, mode=mode, bias=bias, ok=ok,
+               worst=max(r_["err"] for r_ in rows), worst_eager=max(r_["eager_err"] for r_ in rows),
+               details=rows)
+    RES["correctness"].append(rec)
+    bad = [f"{r_['name']}:{r_['err']:.1e}>{r_['limit']:.1e}" for r_ in rows if not r_["ok"]]
+    log(f"{'OK  ' if ok else 'FAIL'} {prim_name:4s} {kind:8s} {tgt_kind:8s} {mode:9s} M={M} N={N} d={d} "
+        f"worst={rec['worst']:.2e} eager={rec['worst_eager']:.2e} {' '.join(bad)}")
+
+
+def sec_correctness(until):
+    cases = [  # most important first: the budget cuts the tail
+        ("pair", "wbce", "lowrank", 1000, 1000, 512, "bf16", True),
+        ("pair", "mse", "lowrank", 1000, 1000, 512, "bf16", True),
+        ("lse", "lse", "identity", 4097, 4097, 512, "bf16", True),
+        ("lse", "lse", "identity", 1000, 1000, 512, "fp32-ieee", True),
+        ("pair", "wbce", "lowrank", 1000, 1000, 512, "fp16", True),
+        ("pair", "wbce", "lowrank", 17, 17, 512, "bf16", True),
+        ("lse", "lse", "identity", 1, 1, 512, "bf16", False),
+        ("lse", "lse", "identity", 1000, 777, 200, "fp32-tf32", True),
+        ("pair", "softplus", "identity", 4097, 3000, 768, "bf16", True),
+        ("pair", "wbce", "lowrank", 1000, 1000, 512, "fp32-ieee", True),
+        ("pair", "bce", "identity", 1000, 1000, 512, "bf16", False),
+        ("pair", "wbce", "lowrank", 1000, 1000, 512, "fp32-tf32", True),
+        ("lse", "lse", "identity", 1000, 1000, 512, "fp16", True),
+        ("pair", "mse", "identity", 1000, 1000, 512, "fp32-ieee", True),
+        ("pair", "bce", "lowrank", 1000, 1000, 512, "fp32-ieee", True),
+        ("pair", "wbce", "identity", 1000, 1000, 512, "bf16", True),
+    ]
+    for c in cases:
+        if el() > until:
+            log("correctness: budget reached, remaining cases skipped")
+            RES["errors"].append({"section": "correctness", "error": f"skipped from case {c}"})
+            break
+        try:
+            correctness_case(*c)
+        except Exception as e:
+            log(f"ERROR case {c}: {type(e).__name__}: {e}")
+            RES["errors"].append({"section": f"correctness {c}", "error": f"{type(e).__name__}: {e}",
+                                  "trace": traceback.format_exc()[-3000:]})
+
+
+# ------------------------------------------------------------------------------------------- sweep
+def _problem(N, d, dtype, kind, lowrank, r=10, seed=0):
+    from lors_fast import LowRankTarget
+
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    img = F.normalize(torch.randn(N, d, generator=g, device=DEV), dim=-1).to(dtype).requires_grad_(True)
+    txt = F.normalize(torch.randn(N, d, generator=g, device=DEV), dim=-1).to(dtype).requires_grad_(True)
+    scale = torch.tensor(math.log(1 / 0.07), device=DEV).exp().to(dtype).requires_grad_(True)
+    tgt = None
+    leaves = [img, txt, scale]
+    if lowrank:
+        a = torch.ones(N, device=DEV, dtype=dtype, requires_grad=True)
+        L = (torch.randn(N, r, generator=g, device=DEV) * 0.1).to(dtype).requires_grad_(True)
+        R = (torch.randn(N, r, generator=g, device=DEV) * 0.1).to(dtype).requires_grad_(True)
+        tgt = LowRankTarget(a, L, R, 1.0 / r)
+        leaves += [a, L, R]
+    bias = torch.tensor(-10.0, device=DEV, dtype=dtype, requires_grad=True) if kind == "siglip" else None
+    if bias is not None:
+        leaves.append(bias)
+    return img, txt, scale, tgt, bias, leaves
+
+
+def _fwd_bwd(loss_fn, img, txt, scale, tgt, bias, leaves, kind, backend):
+    def f():
+        loss = loss_fn(img, txt, scale, tgt, kind=kind, logit_bias=bias, backend=backend)
+        return torch.autograd.grad(loss, leaves)
+    return f
+
+
+def _dbl_fn(img, txt, scale, tgt, bias, leaves, kind):
+    import lors_fast
+
+    g = torch.Generator(device=DEV).manual_seed(1)
+    cots = [torch.randn(x.shape, generator=g, device=DEV).to(x.dtype) for x in leaves]
+
+    def fn():
+        loss = lors_fast.contrastive_loss(img, txt, scale, tgt, kind=kind, logit_bias=bias, backend="triton")
+        gs = torch.autograd.grad(loss, leaves, create_graph=True)
+        return torch.autograd.grad(sum((c * x).sum() for c, x in zip(cots, gs)), leaves, allow_unused=True)
+    return fn
+
+
+def sec_sweep(until):
+    import lors_fast
+    from lors_fast.ops import triton_backend as tb
+
+    N, d = _sz(16384, 64), _sz(512, 32)
+    img, txt, scale, tgt, bias, leaves = _problem(N, d, torch.bfloat16, "infonce", False)
+    P = tb.TritonPrimitives()
+    fwd_c = [dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=3, FUSED=True),
+             dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3, FUSED=True),
+             dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3, FUSED=False),
+             dict(BM=128, BN=64, BK=64, num_warps=4, num_stages=4, FUSED=False),
+             dict(BM=64, BN=128, BK=128, num_warps=4, num_stages=2, FUSED=True)]
+    bwd_c = [dict(BM=64, BN=64, BK=64, BDO=512, num_warps=8, num_stages=2),
+             dict(BM=64, BN=64, BK=128, BDO=512, num_warps=8, num_stages=2),
+             dict(BM=64, BN=128, BK=64, BDO=512, num_warps=8, num_stages=2),
+             dict(BM=128, BN=64, BK=64, BDO=512, num_warps=16, num_stages=2),
+             dict(BM=64, BN=64, BK=64, BDO=512, num_warps=8, num_stages=3),
+             dict(BM=128, BN=128, BK=64, BDO=256, num_warps=8, num_stages=2)]
+    dbl_c = [dict(BM=64, BN=64, BK=64, BDO=256, num_warps=8, num_stages=2),
+             dict(BM=64, BN=64, BK=64, BDO=512, num_warps=8, num_stages=2),
+             dict(BM=64, BN=64, BK=32, BDO=512, num_warps=8, num_stages=2)]
+    small = _problem(_sz(8192, 64), d, torch.bfloat16, "infonce", False)
+    best = {}
+    for stage, cands in (("fwd", fwd_c), ("bwd", bwd_c), ("dbl", dbl_c)):
+        times = []
+        for c in cands:
+            if el() > until:
+                break
+            c = dict(c)
+            fused = c.pop("FUSED", True)
+            tb.FWD_FUSED_COLUMNS = fused
+            tb.CONFIG_OVERRIDE[(stage, "bfloat16")] = c
+            try:
+                if stage == "fwd":
+                    fn = lambda: P.lse(img.detach(), txt.detach(), scale.detach(), None)  # noqa: E731
+                elif stage == "bwd":
+                    fn = _fwd_bwd(lors_fast.contrastive_loss, img, txt, scale, tgt, bias, leaves, "infonce",
+                                  "triton")
+                else:
+                    fn = _dbl_fn(*small[:5], small[5], "infonce")
+                fn()
+                ms = bench(fn, warmup=3, rep=30)
+                times.append((ms[0], c, fused))
+                RES["sweep"].append(dict(stage=stage, config=c, fused_columns=fused, N=N, d=d, ms=ms))
+                log(f"sweep {stage} {c} fused={fused}: {ms[0]:.3f} ms")
+            except Exception as e:
+                RES["sweep"].append(dict(stage=stage, config=c, error=f"{type(e).__name__}: {e}"))
+                log(f"sweep {stage} {c}: {type(e).__name__}: {str(e)[:200]}")
+        if times:
+            ms_, c_, fused_ = min(times, key=lambda t: t[0])
+            best[stage] = dict(c_, FUSED=fused_) if stage == "fwd" else c_
+            tb.CONFIG_OVERRIDE[(stage, "bfloat16")] = c_
+            if stage == "fwd":
+                tb.FWD_FUSED_COLUMNS = fused_
+        else:
+            tb.CONFIG_OVERRIDE.pop((stage, "bfloat16"), None)
+            tb.FWD_FUSED_COLUMNS = True
+    RES["sweep_best"] = {k: v for k, v in best.items()}
+    log(f"sweep best: {best}")
+    # rank-r target tiles of wbce in fp32 (tf32) or in bf16 (LOWRANK_16BIT): keep the faster
+    imgw, txtw, scw, tgtw, biw, lvw = _problem(N, d, torch.bfloat16, "wbce", True)
+    lr_times = []
+    for flag in (False, True):
+        if el() > until:
+            break
+        tb.LOWRANK_16BIT = flag
+        try:
+            fn = _fwd_bwd(lors_fast.contrastive_loss, imgw, txtw, scw, tgtw, biw, lvw, "wbce", "triton")
+            fn()
+            ms = bench(fn, warmup=3, rep=30)
+            lr_times.append((ms[0], flag))
+            RES["sweep"].append(dict(stage="wbce-lowrank16", LOWRANK_16BIT=flag, N=N, d=d, ms=ms))
+            log(f"sweep wbce lowrank LOWRANK_16BIT={flag}: {ms[0]:.3f} ms")
+        except Exception as e:
+            RES["sweep"].append(dict(stage="wbce-lowrank16", LOWRANK_16BIT=flag, error=f"{type(e).__name__}: {e}"))
+            log(f"sweep wbce lowrank LOWRANK_16BIT={flag}: {type(e).__name__}: {str(e)[:200]}")
+    tb.LOWRANK_16BIT = min(lr_times)[1] if lr_times else False
+    RES["sweep_best"]["LOWRANK_16BIT"] = tb.LOWRANK_16BIT
+    # fp32 (tf32): forward alone, then the backward's d-chunk (BDO < d recomputes Z once per chunk)
+    img32, txt32, sc32, _, _, lv32 = _problem(N, d, torch.float32, "infonce", False)
+    if el() < until:
+        f32 = lambda: P.lse(img32.detach(), txt32.detach(), sc32.detach(), None)  # noqa: E731
+        f32()
+        ms_f = bench(f32, warmup=3, rep=30)
+        RES["sweep"].append(dict(stage="fp32-fwd", N=N, d=d, ms=ms_f))
+        log(f"fp32 tf32 lse fwd N={N} d={d}: {ms_f[0]:.3f} ms")
+    t32 = []
+    for c in (dict(BM=64, BN=64, BK=32, BDO=128, num_warps=8, num_stages=2),
+              dict(BM=64, BN=64, BK=32, BDO=256, num_warps=8, num_stages=2),
+              dict(BM=64, BN=64, BK=32, BDO=512, num_warps=8, num_stages=2)):
+        if el() > until:
+            break
+        tb.CONFIG_OVERRIDE[("bwd", "float32")] = c
+        try:
+            fb = _fwd_bwd(lors_fast.contrastive_loss, img32, txt32, sc32, None, None, lv32, "infonce", "triton")
+            fb()
+            ms = bench(fb, warmup=3, rep=30)
+            t32.append((ms[0], c))
+            RES["sweep"].append(dict(stage="bwd-fp32", config=c, N=N, d=d, ms=ms))
+            log(f"sweep bwd fp32 {c}: {ms[0]:.3f} ms")
+        except Exception as e:
+            RES["sweep"].append(dict(stage="bwd-fp32", config=c, error=f"{type(e).__name__}: {e}"))
+            log(f"sweep bwd fp32 {c}: {type(e).__name__}: {str(e)[:200]}")
+    if t32:
+        tb.CONFIG_OVERRIDE[("bwd", "float32")] = min(t32, key=lambda t: t[0])[1]
+        RES["sweep_best"]["bwd_fp32"] = tb.CONFIG_OVERRIDE[("bwd", "float32")]
+    else:
+        tb.CONFIG_OVERRIDE.pop(("bwd", "float32"), None)
+
+
+def sec_postcheck(until):
+    for c in (("lse", "lse", "identity", 4097, 4097, 512, "bf16", True),
+              ("pair", "wbce", "lowrank", 4097, 4097, 512, "bf16", True)):
+        if el() > until:
+            break
+        correctness_case(*c, seed=3)
+
+
+# ------------------------------------------------------------------------------------------ timing
+def _flops(N, d, r):
+    return 8.0 * N * N * (d + r)
+
+
+_COMPILED = {}
+
+
+def time_row(provider, kind, lowrank, N, d, dtype, until, double=False):
+    import lors_fast
+    from lors_fast.reference import reference_loss
+
+    if el() > until:
+        return None
+    N, d = _sz(N, 64), _sz(d, 32)
+    r = 10 if lowrank else 0
+    img, txt, scale, tgt, bias, leaves = _problem(N, d, dtype, kind, lowrank)
+    if provider == "triton":
+        fn_loss, backend = lors_fast.contrastive_loss, "triton"
+    elif provider == "eager":
+        fn_loss, backend = lors_fast.contrastive_loss, "reference"
+    elif provider == "compile":
+        key = (kind, lowrank)
+        if key not in _COMPILED:
+            def ref(img, txt, scale, tgt, kind, logit_bias, backend=None):
+                return reference_loss(img, txt, scale, tgt, kind=kind, logit_bias=logit_bias)
+            _COMPILED[key] = torch.compile(ref, dynamic=False)
+        fn_loss, backend = _COMPILED[key], None
+    else:
+        raise ValueError(provider)
+    if not double:
+        fn = _fwd_bwd(fn_loss, img, txt, scale, tgt, bias, leaves, kind, backend)
+    else:
+        g = torch.Generator(device=DEV).manual_seed(1)
+        cots = [torch.randn(x.shape, generator=g, device=DEV).to(x.dtype) for x in leaves]
+
+        def fn():
+            loss = fn_loss(img, txt, scale, tgt, kind=kind, logit_bias=bias, backend=backend)
+            gs = torch.autograd.grad(loss, leaves, create_graph=True)
+            f2 = sum((c * x).sum() for c, x in zip(cots, gs))
+            return torch.autograd.grad(f2, leaves, allow_unused=True)
+    t1 = time.time()
+    fn()  # compile / warm up
+    if not DRY:
+        torch.cuda.synchronize()
+    first_s = time.time() - t1
+    ms = bench(fn, warmup=2, rep=40 if N <= 32768 else 20)
+    mem = peak_mem(fn)
+    row = dict(provider=provider, kind=kind, target="lowrank" if lowrank else "identity", N=N, d=d, r=r,
+               dtype=str(dtype).replace("torch.", ""), mode="fwd+bwd+dbl" if double else "fwd+bwd",
+               ms=ms[0], p20=ms[1], p80=ms[2], tflops=_flops(N, d, r) / ms[0] / 1e9, peak_mib=mem,
+               first_call_s=first_s)
+    (RES["double_backward"] if double else RES["timing"]).append(row)
+    log(f"{provider:8s} {kind:8s} {row['target']:8s} N={N:6d} d={d} {row['dtype']:8s} {row['mode']:11s} "
+        f"{ms[0]:9.3f} ms [{ms[1]:.3f},{ms[2]:.3f}]  {row['tflops']:6.1f} TF/s(model)  {mem:9.1f} MiB")
+    return row
+
+
+def _try(*a, **k):
+    try:
+        return time_row(*a, **k)
+    except torch.cuda.OutOfMemoryError as e:
+        log(f"OOM {a}: {str(e)[:120]}")
+        RES["errors"].append({"section": f"timing {a}", "error": "OOM"})
+    except Exception as e:
+        log(f"ERROR timing {a}: {type(e).__name__}: {str(e)[:300]}")
+        RES["errors"].append({"section": f"timing {a}", "error": f"{type(e).__name__}: {e}",
+                              "trace": traceback.format_exc()[-2000:]})
+    finally:
+        if not DRY:
+            torch.cuda.empty_cache()
+    return None
+
+
+def sec_targets(until):
+    bf = torch.bfloat16
+    for kind, lr in (("infonce", False), ("wbce", True)):
+        for prov in ("triton", "eager"):
+            _try(prov, kind, lr, 32768, 512, bf, until)
+    _try("triton", "infonce", True, 32768, 512, bf, until)
+    _try("triton", "siglip", False, 32768, 512, bf, until)
+    # double backward vs fwd+bwd at N = 8192
+    for kind, lr in (("infonce", False), ("wbce", True)):
+        _try("triton", kind, lr, 8192, 512, bf, until)
+        _try("triton", kind, lr, 8192, 512, bf, until, double=True)
+        _try("eager", kind, lr, 8192, 512, bf, until, double=True)
+
+
+def sec_compile(until):
+    for kind, lr in (("infonce", False), ("wbce", True)):
+        _try("compile", kind, lr, 32768, 512, torch.bfloat16, until)
+
+
+def sec_grid(until):
+    torch.backends.cuda.matmul.allow_tf32 = True  # eager fp32 rows at tf32, like the kernels' default
+    try:
+        for dtype in (torch.bfloat16, torch.float32):
+            for N in (4096, 16384, 32768, 65536):
+                for d in (512, 768):
+                    for kind, lr in (("infonce", False), ("infonce", True), ("wbce", True), ("siglip", False)):
+                        if dtype == torch.float32 and d == 768:
+                            continue
+                        if dtype == torch.bfloat16 and N == 32768 and d == 512 and \
+                                (kind, lr) in (("infonce", False), ("wbce", True)):
+                            continue  # measured in the targets section
+                        _try("triton", kind, lr, N, d, dtype, until)
+                        big = N * N * (2 if dtype == torch.bfloat16 else 4)
+                        if N <= 16384 or (N == 32768 and d == 512 and kind == "infonce" and not lr) or \
+                                (big * 8 < 100 * 2**30 and N <= 32768 and d == 512):
+                            _try("eager", kind, lr, N, d, dtype, until)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def sec_others(until):
+    for mod in ("inf_cl", "open_clip"):
+        try:
+            __import__(mod)
+            RES["meta"][f"{mod}_importable"] = True
+            log(f"{mod} importable (rows not implemented in this script version)")
+        except Exception:
+            RES["meta"][f"{mod}_importable"] = False
+            log(f"{mod} not importable: rows skipped")
+
+
+# ------------------------------------------------------------------------------------------ report
+def write_report():
+    os.makedirs(OUT, exist_ok=True)
+    with open(os.path.join(OUT, "gpu_results.json"), "w") as f:
+        json.dump(RES, f, indent=1, default=str)
+    m = RES["meta"]
+    lines = [f"# GPU check — {m.get('gpu', '?')}, torch {m.get('torch')}, CUDA {m.get('cuda')}, "
+             f"triton {m.get('triton')}, {m.get('date')}", ""]
+    if RES["ceiling"]:
+        lines.append("Ceiling (dense 8192³ matmul): " + ", ".join(
+            f"{k} {v['tflops']:.0f} TFLOP/s" for k, v in RES["ceiling"].items()))
+        lines.append("")
+    if RES["correctness"]:
+        ok = sum(c["ok"] for c in RES["correctness"])
+        lines += [f"## Correctness vs float64 oracle ({ok}/{len(RES['correctness'])} pass)", "",
+                  "| prim | kind | target | M | N | d | mode | worst rel err (value, ∂, ∂²) | eager same dtype | ok |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for c in RES["correctness"]:
+            lines.append(f"| {c['prim']} | {c['kind']} | {c['target']} | {c['M']} | {c['N']} | {c['d']} | "
+                         f"{c['mode']} | {c['worst']:.2e} | {c['worst_eager']:.2e} | {'yes' if c['ok'] else 'NO'} |")
+        lines.append("")
+    if RES.get("sweep_best"):
+        lines += [f"Config sweep (bf16, N=16384, d=512) best: `{RES['sweep_best']}`", ""]
+    bf = RES["ceiling"].get("bf16", {}).get("tflops")
+    tf = RES["ceiling"].get("tf32", {}).get("tflops")
+    for title, rows in (("fwd+bwd", RES["timing"]), ("double backward", RES["double_backward"])):
+        if not rows:
+            continue
+        lines += [f"## Timings: {title} (lors_fast.contrastive_loss; ms median [p20, p80]; TFLOP/s by 8·N²·(d+r))",
+                  "", "| provider | kind | target | N | d | dtype | ms | p20 | p80 | TFLOP/s | % of matmul | peak MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            ceil = bf if r["dtype"] in ("bfloat16", "float16") else tf
+            pct = f"{100 * r['tflops'] / ceil:.0f}%" if ceil and r["mode"] == "fwd+bwd" else "-"
+            lines.append(f"| {r['provider']} | {r['kind']} | {r['target']} | {r['N']} | {r['d']} | {r['dtype']} | "
+                         f"{r['ms']:.3f} | {r['p20']:.3f} | {r['p80']:.3f} | {r['tflops']:.1f} | {pct} | "
+                         f"{r['peak_mib']:.1f} |")
+        lines.append("")
+    if RES["errors"]:
+        lines += ["## Errors / skipped", ""] + [f"- {e['section']}: {e['error'][:300]}" for e in RES["errors"]]
+    with open(os.path.join(OUT, "gpu_results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    log(f"wrote {OUT}/gpu_results.json and gpu_results.md")
+
+
+def main():
+    if not torch.cuda.is_available() and not DRY:
+        print("no CUDA device: nothing to do", flush=True)
+        return
+    torch.backends.cuda.matmul.allow_tf32 = False
+    only = os.environ.get("GPU_CHECK_SECTIONS")  # e.g. "meta,correctness": run only these
+    if only:
+        keep = set(only.split(","))
+        globals()["run_section"] = (lambda name, fn, until, _rs=run_section:
+                                    _rs(name, fn, until) if name in keep else None)
+    try:
+        run_section("meta", sec_meta, BUDGET)
+        run_section("ceiling", sec_ceiling, 20)
+        run_section("correctness", sec_correctness, float(os.environ.get("GPU_CHECK_CORR_UNTIL", "80")))
+        run_section("sweep", sec_sweep, 125)
+        run_section("postcheck (sweep's configs)", sec_postcheck, 140)
+        run_section("targets", sec_targets, 182)
+        run_section("compile", sec_compile, 212)
+        run_section("grid", sec_grid, BUDGET - 15)
+        run_section("others", sec_others, BUDGET)
+    finally:
+        write_report()
+        log("done")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,587 @@
+"""`TritonPrimitives`: the fused Triton backend of the loss core (docs/DESIGN.md).
+
+* ``lse(U, V, scale, bias)`` → (row LSE (M,), column LSE (N,)) of Z = scale·U·Vᵀ + bias.
+* ``pairsum(kind, U, V, scale, bias, target, npos, nneg)`` → Σ_ij φ_kind(Z_ij, S_ij) (0-dim).
+* ``count_pos(target, n)`` → #{S_ij > 0.5} (float64 0-dim, no grad).
+
+Each primitive is an autograd Function whose backward is itself an autograd Function with a hand-written
+fused double backward, so ``torch.autograd.grad(..., create_graph=True)`` followed by a second grad is exact
+w.r.t. U, V, scale, bias and the low-rank factors. The forward saves only O(N) statistics (row/column LSE);
+its fused column LSE uses a transient (M/BM)·N fp32 buffer of per-row-block partials (``FWD_FUSED_COLUMNS``;
+False: a second row pass instead, no buffer). The backward and double backward recompute N×N tiles in a
+row-block pass and a column-block pass (the column pass is the row kernel with the roles of U and V swapped).
+No N×N buffer, no atomics: scalar gradients are per-program partials summed in torch (deterministic).
+
+Launch configs are heuristics per stage and dtype (the 16-bit ones: the best of bench/gpu_check.py's sweep on
+an H200), not ``triton.autotune``: every (kind, target, pass) is its own kernel specialisation, and autotuning
+each would cost minutes of compilation; M and N are not specialised on (no recompile when the batch changes).
+``CONFIG_OVERRIDE`` replaces them (benchmarks). Under ``torch.compile`` the primitives run eagerly (graph
+breaks); second derivatives through compiled regions are a torch.compile limitation.
+
+Dense targets are not fused: they are delegated to the chunked torch backend
+(:class:`lors_fast.streaming.StreamingPrimitives`), which is O(N²) in memory anyway because of S itself.
+
+Kernels run on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was first
+imported (tests). Triton itself is imported lazily, at the first call.
+
+Precision: inputs fp32/bf16/fp16 (and fp64, for exact tests) with fp32 (fp64) accumulation. ``FP32_PRECISION``
+selects the ``tl.dot`` input precision for fp32 inputs ("tf32" by default on GPU, "ieee" for exact tests; the
+argument ``fp32_precision=`` of ``TritonPrimitives`` overrides it); ``LOWRANK_PRECISION`` that of the rank-r
+target tiles (default: "ieee" when the main GEMMs are exact, "tf32" otherwise). ``count_pos`` is always exact.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+__all__ = ["TritonPrimitives", "FP32_PRECISION", "LOWRANK_PRECISION", "LOWRANK_16BIT", "FWD_FUSED_COLUMNS",
+           "CONFIG_OVERRIDE"]
+
+FP32_PRECISION = "tf32"
+LOWRANK_PRECISION: str | None = None  # None: "ieee" with exact GEMMs, else "tf32"
+# {stage | (stage, dtype name): {"BM":.., "BN":.., "BK":.., "BDO":.., "num_warps":.., "num_stages":..}} with stage in
+# "fwd", "bwd", "pre", "dbl" and dtype name e.g. "bfloat16" (used by the benchmarks' config sweep; GPU only)
+CONFIG_OVERRIDE: dict = {}
+
+# LSE forward: one row pass that also writes per-row-block column partials (True), or two row passes
+# (False; no cross-warp column reductions, twice the GEMM work). The benchmark sweep picks.
+FWD_FUSED_COLUMNS = True
+
+# Rank-r target tiles (wbce/bce/mse with a low-rank target) for bf16/fp16 inputs: in fp32 with
+# LOWRANK_PRECISION (False, the default measured on GPU) or in the 16-bit input dtype with a hi/lo split for
+# S (True: tested under the interpreter with fp16, not yet measured on a GPU — see bench/RESULTS_GPU.md).
+LOWRANK_16BIT = False
+
+# Tests only: under TRITON_INTERPRET keep bf16/fp16 GEMM operands in 16 bits (the GPU code path).
+_INTERPRET_NATIVE_16BIT = False
+
+_KINDS = {"lse": 0, "bce": 1, "wbce": 2, "mse": 3, "softplus": 4}
+_K = None
+
+
+def _kernels():
+    global _K
+    if _K is None:
+        from . import triton_kernels
+
+        _K = triton_kernels
+    return _K
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check_device(*ts):
+    dev = ts[0].device
+    if dev.type != "cuda" and not _interpreting():
+        raise ValueError(
+            f"TritonPrimitives needs CUDA tensors (got device {dev}); set TRITON_INTERPRET=1 before importing "
+            "triton to run the kernels on CPU tensors in the interpreter, or use backend='streaming'"
+        )
+    for t in ts:
+        if t is not None and t.device != dev:
+            raise ValueError(f"all tensors must be on one device, got {dev} and {t.device}")
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, x))))
+
+
+class _Cfg:
+    __slots__ = ("BM", "BN", "BK", "BDO", "num_warps", "num_stages")
+
+    def __init__(self, BM, BN, BK, BDO, num_warps, num_stages):
+        self.BM, self.BN, self.BK, self.BDO = BM, BN, BK, BDO
+        self.num_warps, self.num_stages = num_warps, num_stages
+
+
+def _config(stage: str, D: int, dtype: torch.dtype, device) -> _Cfg:
+    if device.type != "cuda":  # interpreter: few, big programs
+        c = dict(BM=64, BN=64, BK=32, BDO=32, num_warps=4, num_stages=1)
+    else:
+        small = dtype in (torch.bfloat16, torch.float16)
+        dp = max(16, _pow2(D))
+        # 16-bit defaults: the best of bench/gpu_check.py's sweep on an H200 (bench/RESULTS_GPU.md)
+        # (fwd: BM = 128 is within 3 % of the fastest BM = 64 and halves the column-partials buffer)
+        if stage == "fwd":
+            c = (dict(BM=128, BN=128, BK=64, BDO=16, num_warps=8, num_stages=4) if small else
+                 dict(BM=128, BN=64, BK=32, BDO=16, num_warps=8, num_stages=3))
+        elif stage == "bwd":
+            c = dict(BM=64, BN=64, BK=64 if small else 32, BDO=min(dp, 512 if small else 128), num_warps=8,
+                     num_stages=2)
+        elif stage == "pre":
+            c = dict(BM=64, BN=64, BK=64 if small else 32, BDO=16, num_warps=4, num_stages=2)
+        else:
+            c = dict(BM=64, BN=64, BK=64 if small else 32, BDO=min(dp, 256 if small else 128), num_warps=8,
+                     num_stages=2)
+    c.update(CONFIG_OVERRIDE.get(stage, {}))
+    c.update(CONFIG_OVERRIDE.get((stage, str(dtype).replace("torch.", "")), {}))
+    c["BK"] = min(c["BK"], max(16, _pow2(D)))
+    c["BDO"] = min(c["BDO"], max(16, _pow2(D)))
+    return _Cfg(**c)
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _flags(dtype, prec):
+    """(UPCAST, PREC, ACC triton dtype) for an input dtype."""
+    import triton.language as tl
+
+    if dtype == torch.float64:
+        return True, "ieee", tl.float64
+    if dtype == torch.float32:
+        return True, prec, tl.float32
+    if _interpreting() and not _INTERPRET_NATIVE_16BIT:
+        # bf16/fp16 arithmetic in the interpreter is unreliable: upcast everything (tests can opt out to
+        # run the GPU code path, where GEMM operands stay 16-bit)
+        return True, "ieee", tl.float32
+    return False, "ieee", tl.float32
+
+
+def _lr_prec(dtype, prec="ieee"):
+    """Precision of the rank-r target tiles: exact ("ieee") whenever the main GEMMs are exact, else
+    LOWRANK_PRECISION or, when that is None, "tf32" (an fp32 FMA dot of K = 16 would cost ~40 % of a bf16
+    d = 512 tile; TF32's 2⁻¹¹ relative error on S is below the bf16 error of Z)."""
+    if dtype == torch.float64 or _interpreting() or prec == "ieee":
+        return "ieee"
+    return LOWRANK_PRECISION or "tf32"
+
+
+def _rp(r: int) -> int:
+    return max(16, _pow2(r))
+
+
+def _launch_kw(cfg):
+    return dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _scalar(x, dtype, device):
+    if x is None:
+        return torch.zeros((), dtype=dtype, device=device)
+    return x.detach().reshape(()).to(dtype=dtype, device=device).contiguous()
+
+
+class _Ctx:
+    """Everything a launch needs, prepared once per call."""
+
+    def __init__(self, U, V, scale, bias, prec):
+        self.device = U.device
+        self.dtype = U.dtype
+        self.acc = _acc_dtype(U.dtype)
+        self.U = U.detach().contiguous()
+        self.V = V.detach().to(U.dtype).contiguous()
+        self.M, self.D = self.U.shape
+        self.N = self.V.shape[0]
+        self.s = _scalar(scale, self.acc, self.device)
+        self.b = _scalar(bias, self.acc, self.device)
+        self.upcast, self.prec, self.ACC = _flags(U.dtype, prec)
+        self.lr_prec = _lr_prec(U.dtype, prec if U.dtype == torch.float32 else "lowp")
+        import triton.language as tl
+
+        self.LDT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(U.dtype, self.ACC)
+        self.LR16 = bool(LOWRANK_16BIT and not self.upcast)
+
+    def cfg(self, stage):
+        return _config(stage, self.D, self.dtype, self.device)
+
+    def dummy(self):
+        return torch.zeros(2, dtype=self.acc, device=self.device)
+
+
+def _eager(fn):
+    """torch.compile runs the primitives eagerly (a graph break around each call): dynamo cannot trace the
+    lazy kernel module, the host-side launch logic or the nested autograd Functions of the double backward;
+    the surrounding model code still compiles, and first/second derivatives are unchanged. Every launcher is
+    wrapped too: autograd calls the Functions' backward from graph-broken (eager) code, whose frames dynamo
+    would otherwise try to trace."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(fn) if disable is not None else fn
+
+
+def _guard(device):
+    if device.type == "cuda":
+        return torch.cuda.device(device.index)
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------- LSE
+@_eager
+def _lse_forward(c: _Ctx):
+    K = _kernels()
+    cfg = c.cfg("fwd")
+    nbm = triton_cdiv(c.M, cfg.BM)
+    lr = torch.empty(c.M, dtype=c.acc, device=c.device)
+    d = c.dummy()
+    kw = dict(KIND=0, TGT=0, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, RP=16, UPCAST=c.upcast, PREC=c.prec,
+              LR_PREC=c.lr_prec, ACC=c.ACC, LDT=c.LDT, LR16=c.LR16, **_launch_kw(cfg))
+    if not FWD_FUSED_COLUMNS:
+        lc = torch.empty(c.N, dtype=c.acc, device=c.device)
+        with _guard(c.device):
+            K._fwd_kernel[(nbm,)](c.U, c.V, c.M, c.N, c.D, c.s, c.b, d, d, d, 1, d, lr, d, d,
+                                  FUSE_COLS=False, **kw)
+            K._fwd_kernel[(triton_cdiv(c.N, cfg.BM),)](c.V, c.U, c.N, c.M, c.D, c.s, c.b, d, d, d, 1, d, lc,
+                                                        d, d, FUSE_COLS=False, **kw)
+        return lr, lc
+    # per-(row block, column) partial column LSE (log2 units): a transient (M/BM)·N fp32 buffer
+    cp = torch.empty(nbm, c.N, dtype=c.acc, device=c.device)
+    with _guard(c.device):
+        K._fwd_kernel[(nbm,)](c.U, c.V, c.M, c.N, c.D, c.s, c.b, d, d, d, 1, d, lr, cp, d,
+                              FUSE_COLS=True, **kw)
+    lc = torch.logsumexp(cp.mul_(math.log(2.0)), 0)
+    return lr, lc
+
+
+def triton_cdiv(a, b):
+    return (a + b - 1) // b
+
+
+@_eager
+def _lse_backward(c: _Ctx, lr, lc, glr, glc):
+    """(dU, dV, ds, db) of ⟨glr, lse_row⟩ + ⟨glc, lse_col⟩."""
+    K = _kernels()
+    cfg = c.cfg("bwd")
+    d = c.dummy()
+    dU = torch.empty_like(c.U)
+    dV = torch.empty_like(c.V)
+    glr = glr.detach().to(c.acc).contiguous()
+    glc = glc.detach().to(c.acc).contiguous()
+    nbm = triton_cdiv(c.M, cfg.BM)
+    nbn = triton_cdiv(c.N, cfg.BM)
+    nd = triton_cdiv(c.D, cfg.BDO)
+    ps = torch.zeros(nbm, dtype=c.acc, device=c.device)
+    pb = torch.zeros(nbm, dtype=c.acc, device=c.device)
+    common = dict(KIND=0, TGT=0, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BDO=cfg.BDO, RP=16, UPCAST=c.upcast,
+                  PREC=c.prec, LR_PREC=c.lr_prec, ACC=c.ACC, LDT=c.LDT, LR16=c.LR16, **_launch_kw(cfg))
+    with _guard(c.device):
+        K._bwd_kernel[(nbm, nd)](c.U, c.V, c.M, c.N, c.D, c.s, c.b, d, d, d, 1, d, lr, lc, glr, glc, d,
+                                 dU, d, d, ps, pb, PRIMARY=True, **common)
+        K._bwd_kernel[(nbn, nd)](c.V, c.U, c.N, c.M, c.D, c.s, c.b, d, d, d, 1, d, lc, lr, glc, glr, d,
+                                 dV, d, d, d, d, PRIMARY=False, **common)
+    return dU, dV, ps.sum(), pb.sum()
+
+
+@_eager
+def _lse_double(c: _Ctx, lr, lc, glr, glc, Ub, Vb, sbar, bbar):
+    """Grads of F = ⟨Ū, dU⟩ + ⟨V̄, dV⟩ + s̄·ds + b̄·db w.r.t. (U, V, s, b, glr, glc)."""
+    K = _kernels()
+    cfg = c.cfg("dbl")
+    pcfg = c.cfg("pre")
+    d = c.dummy()
+    glr = glr.detach().to(c.acc).contiguous()
+    glc = glc.detach().to(c.acc).contiguous()
+    Ub = Ub.detach().to(c.dtype).contiguous()
+    Vb = Vb.detach().to(c.dtype).contiguous()
+    sb = _scalar(sbar, c.acc, c.device)
+    bb = _scalar(bbar, c.acc, c.device)
+    rho = torch.empty(c.M, dtype=c.acc, device=c.device)
+    kap = torch.empty(c.N, dtype=c.acc, device=c.device)
+    pre = dict(BM=pcfg.BM, BN=pcfg.BN, BK=pcfg.BK, UPCAST=c.upcast, PREC=c.prec, ACC=c.ACC, **_launch_kw(pcfg))
+    gU = torch.empty_like(c.U)
+    gV = torch.empty_like(c.V)
+    nbm = triton_cdiv(c.M, cfg.BM)
+    nbn = triton_cdiv(c.N, cfg.BM)
+    nd = triton_cdiv(c.D, cfg.BDO)
+    ps = torch.zeros(nbm, dtype=c.acc, device=c.device)
+    pb = torch.zeros(nbm, dtype=c.acc, device=c.device)
+    common = dict(KIND=0, TGT=0, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BDO=cfg.BDO, RP=16, UPCAST=c.upcast,
+                  PREC=c.prec, LR_PREC=c.lr_prec, ACC=c.ACC, LDT=c.LDT, LR16=c.LR16, **_launch_kw(cfg))
+    with _guard(c.device):
+        K._dbl_pre_kernel[(triton_cdiv(c.M, pcfg.BM),)](c.U, c.V, Ub, Vb, c.M, c.N, c.D, c.s, c.b, sb, bb,
+                                                         lr, rho, **pre)
+        K._dbl_pre_kernel[(triton_cdiv(c.N, pcfg.BM),)](c.V, c.U, Vb, Ub, c.N, c.M, c.D, c.s, c.b, sb, bb,
+                                                         lc, kap, **pre)
+        K._dbl_kernel[(nbm, nd)](c.U, c.V, Ub, Vb, c.M, c.N, c.D, c.s, c.b, sb, bb, d, d, d, d, d, d, 1, d,
+                                 lr, lc, glr, glc, rho, kap, d, gU, d, d, ps, pb, d, PRIMARY=True, **common)
+        K._dbl_kernel[(nbn, nd)](c.V, c.U, Vb, Ub, c.N, c.M, c.D, c.s, c.b, sb, bb, d, d, d, d, d, d, 1, d,
+                                 lc, lr, glc, glr, kap, rho, d, gV, d, d, d, d, d, PRIMARY=False, **common)
+    return gU, gV, ps.sum(), pb.sum(), rho, kap
+
+
+def _like(x, ref):
+    return None if ref is None else x.to(ref.dtype).reshape(ref.shape)
+
+
+class _LseFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, U, V, scale, bias, prec):
+        c = _Ctx(U, V, scale, bias, prec)
+        lr, lc = _lse_forward(c)
+        ctx.save_for_backward(U, V, scale, bias, lr, lc)
+        ctx.prec = prec
+        ctx.has_bias = bias is not None
+        return lr, lc
+
+    @staticmethod
+    def backward(ctx, glr, glc):
+        U, V, scale, bias, lr, lc = ctx.saved_tensors
+        dU, dV, ds, db = _LseBwdFn.apply(U, V, scale, bias, lr.detach(), lc.detach(), glr, glc, ctx.prec)
+        return dU, dV, ds, (db if ctx.has_bias else None), None
+
+
+class _LseBwdFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, U, V, scale, bias, lr, lc, glr, glc, prec):
+        c = _Ctx(U, V, scale, bias, prec)
+        dU, dV, ds, db = _lse_backward(c, lr, lc, glr, glc)
+        ctx.save_for_backward(U, V, scale, bias, lr, lc, glr, glc)
+        ctx.prec = prec
+        return dU, dV.to(V.dtype), _like(ds, scale), (_like(db, bias) if bias is not None else db)
+
+    @staticmethod
+    def backward(ctx, Ub, Vb, sbar, bbar):
+        U, V, scale, bias, lr, lc, glr, glc = ctx.saved_tensors
+        c = _Ctx(U, V, scale, bias, ctx.prec)
+        if bias is None:
+            bbar = None
+        gU, gV, gs, gb, rho, kap = _lse_double(c, lr, lc, glr, glc, Ub, Vb, sbar, bbar)
+        return (gU, gV.to(V.dtype), _like(gs, scale), _like(gb, bias) if bias is not None else None,
+                None, None, rho.to(glr.dtype), kap.to(glc.dtype), None)
+
+
+# ------------------------------------------------------------------------------------------ pairsum
+def _weights(kind, npos, nneg, c: _Ctx):
+    if kind != "wbce":
+        return c.dummy()
+    npos = float(npos) if not isinstance(npos, torch.Tensor) else npos.detach().to(torch.float64).cpu().item()
+    nneg = float(nneg) if not isinstance(nneg, torch.Tensor) else nneg.detach().to(torch.float64).cpu().item()
+    w = torch.tensor([0.5 / (npos + 1e-6), 0.5 / (nneg + 1e-6)], dtype=torch.float64)
+    return w.to(device=c.device, dtype=c.acc)
+
+
+def _lowrank_parts(target, c: _Ctx):
+    """(TGT, a, Lc, R, r) as accumulation-dtype contiguous tensors (dummies for the identity)."""
+    if target is None:
+        d = c.dummy()
+        return 0, d, d, d, 1
+    _, a, lc, r_ = target
+    cv = lambda t: t.detach().to(device=c.device, dtype=c.acc).contiguous()  # noqa: E731
+    return 1, cv(a), cv(lc), cv(r_), lc.shape[1]
+
+
+@_eager
+def _pair_forward(c: _Ctx, kind, target, w):
+    K = _kernels()
+    cfg = c.cfg("fwd")
+    tgt, a, lc, r_, r = _lowrank_parts(target, c)
+    nbm = triton_cdiv(c.M, cfg.BM)
+    part = torch.zeros(nbm, dtype=c.acc, device=c.device)
+    d = c.dummy()
+    with _guard(c.device):
+        K._fwd_kernel[(nbm,)](
+            c.U, c.V, c.M, c.N, c.D, c.s, c.b, lc, r_, a, r, w, d, d, part,
+            KIND=_KINDS[kind], TGT=tgt, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, RP=_rp(r), UPCAST=c.upcast,
+            PREC=c.prec, LR_PREC=c.lr_prec, ACC=c.ACC, LDT=c.LDT, LR16=c.LR16, FUSE_COLS=False, **_launch_kw(cfg))
+    return part.sum()
+
+
+@_eager
+def _pair_backward(c: _Ctx, kind, target, w, g):
+    """(dU, dV, ds, db, da, dLc, dR) of g·Σφ."""
+    K = _kernels()
+    cfg = c.cfg("bwd")
+    tgt, a, lc, r_, r = _lowrank_parts(target, c)
+    d = c.dummy()
+    g = _scalar(g, c.acc, c.device)
+    dU = torch.empty_like(c.U)
+    dV = torch.empty_like(c.V)
+    nbm = triton_cdiv(c.M, cfg.BM)
+    nbn = triton_cdiv(c.N, cfg.BM)
+    nd = triton_cdiv(c.D, cfg.BDO)
+    ps = torch.zeros(nbm, dtype=c.acc, device=c.device)
+    pb = torch.zeros(nbm, dtype=c.acc, device=c.device)
+    if tgt:
+        da = torch.empty(c.M, dtype=c.acc, device=c.device)
+        dL = torch.empty(c.M, r, dtype=c.acc, device=c.device)
+        dR = torch.empty(c.N, r, dtype=c.acc, device=c.device)
+    else:
+        da = dL = dR = d
+    common = dict(KIND=_KINDS[kind], TGT=tgt, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BDO=cfg.BDO, RP=_rp(r),
+                  UPCAST=c.upcast, PREC=c.prec, LR_PREC=c.lr_prec, ACC=c.ACC, LDT=c.LDT, LR16=c.LR16, **_launch_kw(cfg))
+    with _guard(c.device):
+        K._bwd_kernel[(nbm, nd)](c.U, c.V, c.M, c.N, c.D, c.s, c.b, lc, r_, a, r, w, d, d, d, d, g,
+                                 dU, dL, da, ps, pb, PRIMARY=True, **common)
+        K._bwd_kernel[(nbn, nd)](c.V, c.U, c.N, c.M, c.D, c.s, c.b, r_, lc, a, r, w, d, d, d, d, g,
+                                 dV, dR, d, d, d, PRIMARY=False, **common)
+    if not tgt:
+        da = dL = dR = None
+    return dU, dV, ps.sum(), pb.sum(), da, dL, dR
+
+
+@_eager
+def _pair_double(c: _Ctx, kind, target, w, g, Ub, Vb, sbar, bbar, abar, Lbar, Rbar):
+    K = _kernels()
+    cfg = c.cfg("dbl")
+    tgt, a, lc, r_, r = _lowrank_parts(target, c)
+    d = c.dummy()
+    g = _scalar(g, c.acc, c.device)
+    Ub = Ub.detach().to(c.dtype).contiguous()
+    Vb = Vb.detach().to(c.dtype).contiguous()
+    sb = _scalar(sbar, c.acc, c.device)
+    bb = _scalar(bbar, c.acc, c.device)
+    gU = torch.empty_like(c.U)
+    gV = torch.empty_like(c.V)
+    nbm = triton_cdiv(c.M, cfg.BM)
+    nbn = triton_cdiv(c.N, cfg.BM)
+    nd = triton_cdiv(c.D, cfg.BDO)
+    ps = torch.zeros(nbm, dtype=c.acc, device=c.device)
+    pb = torch.zeros(nbm, dtype=c.acc, device=c.device)
+    pg = torch.zeros(nbm, dtype=c.acc, device=c.device)
+    if tgt:
+        cv = lambda t, like: (torch.zeros_like(like) if t is None else  # noqa: E731
+                              t.detach().to(device=c.device, dtype=c.acc).contiguous())
+        ab, Lb_, Rb_ = cv(abar, a), cv(Lbar, lc), cv(Rbar, r_)
+        ga = torch.empty(c.M, dtype=c.acc, device=c.device)
+        gL = torch.empty(c.M, r, dtype=c.acc, device=c.device)
+        gR = torch.empty(c.N, r, dtype=c.acc, device=c.device)
+    else:
+        ab = Lb_ = Rb_ = ga = gL = gR = d
+    common = dict(KIND=_KINDS[kind], TGT=tgt, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BDO=cfg.BDO, RP=_rp(r),
+                  UPCAST=c.upcast, PREC=c.prec, LR_PREC=c.lr_prec, ACC=c.ACC, LDT=c.LDT, LR16=c.LR16, **_launch_kw(cfg))
+    with _guard(c.device):
+        K._dbl_kernel[(nbm, nd)](c.U, c.V, Ub, Vb, c.M, c.N, c.D, c.s, c.b, sb, bb,
+                                 lc, r_, Lb_, Rb_, a, ab, r, w, d, d, d, d, d, d, g,
+                                 gU, gL, ga, ps, pb, pg, PRIMARY=True, **common)
+        K._dbl_kernel[(nbn, nd)](c.V, c.U, Vb, Ub, c.N, c.M, c.D, c.s, c.b, sb, bb,
+                                 r_, lc, Rb_, Lb_, a, ab, r, w, d, d, d, d, d, d, g,
+                                 gV, gR, d, d, d, d, PRIMARY=False, **common)
+    if not tgt:
+        ga = gL = gR = None
+    return gU, gV, ps.sum(), pb.sum(), pg.sum(), ga, gL, gR
+
+
+def _tgt(a, Lc, R):
+    return None if a is None else ("lowrank", a, Lc, R)
+
+
+class _PairFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, U, V, scale, bias, a, Lc, R, kind, w, prec):
+        c = _Ctx(U, V, scale, bias, prec)
+        out = _pair_forward(c, kind, _tgt(a, Lc, R), w)
+        ctx.save_for_backward(U, V, scale, bias, a, Lc, R, w)
+        ctx.kind, ctx.prec = kind, prec
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        U, V, scale, bias, a, Lc, R, w = ctx.saved_tensors
+        outs = _PairBwdFn.apply(U, V, scale, bias, a, Lc, R, g, ctx.kind, w, ctx.prec)
+        dU, dV, ds, db, da, dL, dR = outs
+        return dU, dV, ds, db, da, dL, dR, None, None, None
+
+
+class _PairBwdFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, U, V, scale, bias, a, Lc, R, g, kind, w, prec):
+        c = _Ctx(U, V, scale, bias, prec)
+        dU, dV, ds, db, da, dL, dR = _pair_backward(c, kind, _tgt(a, Lc, R), w, g)
+        ctx.save_for_backward(U, V, scale, bias, a, Lc, R, g, w)
+        ctx.kind, ctx.prec = kind, prec
+        return (dU, dV.to(V.dtype), _like(ds, scale), _like(db, bias) if bias is not None else None,
+                _like(da, a) if a is not None else None, _like(dL, Lc) if Lc is not None else None,
+                _like(dR, R) if R is not None else None)
+
+    @staticmethod
+    def backward(ctx, Ub, Vb, sbar, bbar, abar, Lbar, Rbar):
+        U, V, scale, bias, a, Lc, R, g, w = ctx.saved_tensors
+        c = _Ctx(U, V, scale, bias, ctx.prec)
+        if bias is None:
+            bbar = None
+        gU, gV, gs, gb, gg, ga, gL, gR = _pair_double(c, ctx.kind, _tgt(a, Lc, R), w, g, Ub, Vb, sbar, bbar,
+                                                      abar, Lbar, Rbar)
+        return (gU, gV.to(V.dtype), _like(gs, scale), _like(gb, bias) if bias is not None else None,
+                _like(ga, a) if a is not None else None, _like(gL, Lc) if Lc is not None else None,
+                _like(gR, R) if R is not None else None, _like(gg, g), None, None, None)
+
+
+# ------------------------------------------------------------------------------------------ public
+class TritonPrimitives:
+    """Fused Triton primitives (see module docstring). ``fp32_precision``: ``tl.dot`` input precision for
+    fp32 inputs ("ieee" | "tf32" | "tf32x3"; None → module-level ``FP32_PRECISION``)."""
+
+    name = "triton"
+
+    def __init__(self, fp32_precision: str | None = None):
+        if fp32_precision not in (None, "ieee", "tf32", "tf32x3"):
+            raise ValueError(f"fp32_precision must be 'ieee', 'tf32', 'tf32x3' or None, got {fp32_precision!r}")
+        self.fp32_precision = fp32_precision
+
+    def _prec(self):
+        return self.fp32_precision or FP32_PRECISION
+
+    @staticmethod
+    def _scale(scale, like):
+        if not isinstance(scale, torch.Tensor):
+            scale = torch.tensor(float(scale), dtype=torch.float32, device=like.device)
+        return scale.reshape(())
+
+    @_eager
+    def lse(self, U, V, scale, bias=None):
+        _check_device(U, V)
+        scale = self._scale(scale, U)
+        if bias is not None and not isinstance(bias, torch.Tensor):
+            bias = torch.tensor(float(bias), dtype=torch.float32, device=U.device)
+        return _LseFn.apply(U, V, scale, None if bias is None else bias.reshape(()), self._prec())
+
+    @_eager
+    def pairsum(self, kind, U, V, scale, bias, target, npos=None, nneg=None):
+        if kind not in ("bce", "wbce", "mse", "softplus"):
+            raise ValueError(f"pairsum kind must be bce, wbce, mse or softplus, got {kind!r}")
+        if kind == "softplus":
+            target = None
+        if target is not None and target[0] == "dense":
+            from ..streaming import StreamingPrimitives
+
+            return StreamingPrimitives().pairsum(kind, U, V, scale, bias, target, npos=npos, nneg=nneg)
+        _check_device(U, V)
+        if target is not None and target[0] != "lowrank":
+            raise ValueError(f"target must be None, ('lowrank', a, Lc, R) or ('dense', S), got {target[0]!r}")
+        if target is not None or kind != "softplus":
+            if U.shape[0] != V.shape[0]:
+                raise ValueError(f"pairsum {kind!r} needs M == N, got {U.shape[0]} and {V.shape[0]}")
+        scale = self._scale(scale, U)
+        if bias is not None and not isinstance(bias, torch.Tensor):
+            bias = torch.tensor(float(bias), dtype=torch.float32, device=U.device)
+        c = _Ctx(U, V, scale, bias, self._prec())
+        if kind == "wbce" and (npos is None or nneg is None):
+            n = U.shape[0]
+            npos = self.count_pos(target, n)
+            nneg = n * n - npos
+        w = _weights(kind, npos, nneg, c)
+        a = Lc = R = None
+        if target is not None:
+            _, a, Lc, R = target
+        return _PairFn.apply(U, V, scale, None if bias is None else bias.reshape(()), a, Lc, R, kind, w,
+                             self._prec())
+
+    @_eager
+    def count_pos(self, target, n):
+        if target is None:
+            return torch.tensor(float(n), dtype=torch.float64)
+        if target[0] == "dense":
+            with torch.no_grad():
+                return (target[1] > 0.5).sum().to(torch.float64)
+        _, a, lc, r_ = target
+        _check_device(a, lc, r_)
+        K = _kernels()
+        with torch.no_grad():
+            acc = _acc_dtype(lc.dtype)
+            upcast, prec, ACC = _flags(acc, "ieee")
+            cv = lambda t: t.detach().to(acc).contiguous()  # noqa: E731
+            BM = 64
+            BN = 64 if a.device.type != "cuda" else 128
+            nb = triton_cdiv(n, BM)
+            part = torch.zeros(nb, dtype=torch.int32, device=a.device)
+            r = lc.shape[1]
+            with _guard(a.device):
+                K._count_kernel[(nb,)](cv(lc), cv(r_), cv(a), n, r, part, BM=BM, BN=BN, RP=_rp(r),
+                                       LR_PREC=_lr_prec(acc), ACC=ACC)
+            return part.to(torch.float64).sum()
