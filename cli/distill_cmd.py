@@ -1,0 +1,129 @@
+"""`lors-fast distill`: parse options into a DistillConfig and call lors_fast.distill.run.
+
+Every DistillConfig field is an option (``--syn-steps``, ``--lr-img``, ...). Precedence: preset < TOML
+``--config`` file < options given on the command line (options left out do not override anything).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+import click
+
+from lors_fast.distill_config import (
+    CHECKPOINTS,
+    CLIP_GROUPS,
+    DATASETS,
+    DTYPES,
+    INITS,
+    LOSS_BACKENDS,
+    LOSS_KINDS,
+    METHODS,
+    PRESETS,
+    SIMILARITIES,
+    DistillConfig,
+)
+
+_CHOICES = {"dataset": DATASETS, "pix_init": INITS, "txt_init": INITS, "method": METHODS,
+            "similarity": SIMILARITIES, "loss": LOSS_KINDS, "loss_backend": LOSS_BACKENDS,
+            "checkpoint": CHECKPOINTS, "dtype": DTYPES, "expert_cache": ("auto", "memory", "disk")}
+_HELP = {
+    "buffer": "trajectory store folder (from `lors-fast buffer`)",
+    "out": "run folder (checkpoints, metrics.jsonl, PNGs, nearest captions)",
+    "n_pairs": "number of synthetic pairs N",
+    "method": "tesla: O(P)-memory TESLA gradient; mtt: exact full unroll (MTT-VL baseline)",
+    "syn_steps": "student steps K per iteration",
+    "mini_batch": "student minibatch B",
+    "similarity": "learned S: lowrank (diag + (alpha/rank) L R^T), full (N x N), none (identity)",
+    "loss": "student contrastive loss kind",
+    "init_lr_img": "initial learnable student lr of the image branch",
+    "init_lr_txt": "initial learnable student lr of the text branch",
+    "lr_img": "SGD lr of the synthetic pixels",
+    "lr_txt": "SGD lr of the synthetic text embeddings",
+    "lr_lr": "SGD lr of the learnable student lrs",
+    "lr_sim": "SGD lr of the similarity factors",
+    "clamp_lr": "lower bound of the student lrs after each step",
+    "checkpoint": "activation checkpointing of the student forward",
+    "chunk": "TESLA pass 2: run the image branch in micro-batches of this size (activation memory O(chunk), "
+             "~20% more time; per-sample encoders only)",
+    "ckpt_every": "write an atomic checkpoint every this many iterations",
+    "resume": "checkpoint file or run folder to continue exactly",
+    "expert_cache": "keep expert snapshots in memory (auto: if they fit in 2 GiB) or read them per iteration",
+}
+
+
+def _parse_clip(values: tuple[str, ...]) -> dict[str, float] | None:
+    if not values:
+        return None
+    out = {}
+    for v in values:
+        k, sep, num = v.partition("=")
+        if not sep:
+            raise click.BadParameter(f"expected GROUP=MAXNORM with GROUP in {CLIP_GROUPS}, got {v!r}",
+                                     param_hint="--clip-grad")
+        try:
+            out[k.strip()] = float(num)
+        except ValueError:
+            raise click.BadParameter(f"max norm of {k!r} must be a number, got {num!r}",
+                                     param_hint="--clip-grad") from None
+    return out
+
+
+def _options(fn):
+    hints = typing.get_type_hints(DistillConfig)
+    for f in reversed(dataclasses.fields(DistillConfig)):
+        if f.name == "clip_grad":
+            fn = click.option("--clip-grad", "clip_grad", multiple=True, metavar="GROUP=MAXNORM",
+                              help=f"per-group gradient-norm clipping (not in the reference), GROUP in "
+                                   f"{', '.join(CLIP_GROUPS)}; repeatable")(fn)
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        t = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        in_preset = any(f.name in p for p in PRESETS.values())
+        help_ = _HELP.get(f.name, "") + f" [default: {default!r}{', or the preset' if in_preset else ''}]"
+        if t is bool:
+            fn = click.option(f"{flag}/--no-{f.name.replace('_', '-')}", f.name, default=None, help=help_)(fn)
+        elif f.name in _CHOICES:
+            fn = click.option(flag, f.name, type=click.Choice(_CHOICES[f.name]), default=None, help=help_)(fn)
+        else:
+            base = typing.get_args(t)[0] if typing.get_args(t) else t
+            ptype = {int: int, float: float}.get(base, str)
+            fn = click.option(flag, f.name, type=ptype, default=None, help=help_)(fn)
+    return fn
+
+
+@click.command("distill")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
+              help="default: embedded CPU recipe; flickr-/coco-100/200/500: the paper's scripts")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="TOML file of options (keys = option names with underscores; may set preset)")
+@_options
+def distill(preset, config_file, **opts):
+    """Distill a synthetic image-text set by trajectory matching with low-rank similarity mining."""
+    from lors_fast.distill import DistillDivergedError, run
+    from lors_fast.distill_config import load_config
+
+    clip = _parse_clip(opts.pop("clip_grad"))
+    given = {k: v for k, v in opts.items() if v is not None}
+    if clip is not None:
+        given["clip_grad"] = clip
+    if preset is None and config_file is None:
+        preset = "default"
+    try:
+        cfg = load_config(preset, config_file, **given)
+    except (ValueError, FileNotFoundError) as e:
+        raise click.UsageError(str(e)) from None
+    try:
+        res = run(cfg)
+    except DistillDivergedError as e:
+        raise click.ClickException(str(e)) from None
+    last = res.metrics[-1] if res.metrics else {}
+    click.echo(f"distilled {cfg.n_pairs} pairs in {res.out} ({len(res.metrics)} iterations); "
+               f"final matching loss {last.get('loss', float('nan')):.4f}, "
+               f"lr_img {res.distilled.lr_img:.4g}, lr_txt {res.distilled.lr_txt:.4g}; set: {res.checkpoint}")
+
+
+def register(group: click.Group) -> None:
+    group.add_command(distill)

@@ -1,0 +1,434 @@
+"""`lors-fast distill`: LoRS trajectory matching with low-rank similarity mining (LORS_SPEC §1–2).
+
+:func:`run` takes a :class:`~lors_fast.distill_config.DistillConfig` and returns a :class:`DistillResult`
+(the final :class:`DistilledSet` and the per-iteration metrics). One iteration: pick the next expert
+(experts are cycled in a shuffled order, reshuffled when exhausted) and a start epoch, draw the K-step
+plan (minibatch indices + dropout seeds), compute the TESLA (or exact MTT) gradients of the matching
+loss (:mod:`lors_fast.tesla`), and take one SGD-with-momentum step on four groups (images, texts,
+the two student lrs, the similarity factors), with optional per-group gradient-norm clipping and lr clamp.
+
+Differences from the reference, on purpose (LORS_SPEC §10): the student is built once; experts stay in
+memory (or single snapshots are read per iteration, ``expert_cache="disk"``); image and text
+trajectories come from one expert file, so they are paired; the device is honoured; no wandb; dropout is
+replayed exactly; resume restores the optimiser momentum and every RNG, so it continues bit-exactly.
+
+Run folder: ``checkpoints/last.safetensors`` (atomic, every ``ckpt_every`` iterations),
+``distilled.safetensors`` (final), ``metrics.jsonl``, ``config.json``, and artifacts (``images.png``,
+``similarity.png``, ``curves.png``, ``nearest_captions.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .distill_config import DistillConfig
+from .io import load_safetensors_checked, save_safetensors_atomic, write_json_atomic
+from .tesla import SimSlicer, Student, make_plan, mtt_iteration, tesla_iteration
+
+__all__ = ["DistilledSet", "DistillResult", "DistillDivergedError", "Distiller", "load_distilled", "run",
+           "SCHEMA"]
+
+SCHEMA = "lors_fast.distilled/1"
+_PIX_NOISE = ((-0.0626, -0.0221, 0.0680), (1.0451, 1.0752, 1.0539))  # reference --pix_init noise stats
+
+
+class DistillDivergedError(RuntimeError):
+    """A loss or gradient became NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class DistilledSet:
+    """A distilled set: images (n,3,H,W) normalised pixels, texts (n, D), similarity, learned lrs."""
+
+    images: torch.Tensor
+    texts: torch.Tensor
+    similarity: nn.Module | None  # None | LowRankSimilarity | FullSimilarity
+    lr_img: float
+    lr_txt: float
+    meta: dict = field(default_factory=dict)
+
+    def target(self):
+        """The full evaluation target: None (identity) | LowRankTarget | dense (n, n) tensor."""
+        if self.similarity is None:
+            return None
+        t = self.similarity.target()
+        if isinstance(t, torch.Tensor):
+            return t.detach()
+        return type(t)(t.diag.detach(), t.left.detach(), t.right.detach(), t.scale)
+
+
+@dataclass
+class DistillResult:
+    distilled: DistilledSet
+    metrics: list[dict]
+    out: Path
+    checkpoint: Path
+
+
+def _similarity_from(kind: str, n: int, rank: int, alpha: float, dtype, generator=None):
+    from .targets import FullSimilarity, LowRankSimilarity
+
+    if kind == "lowrank":
+        return LowRankSimilarity(n, rank, alpha, generator=generator, dtype=dtype)
+    if kind == "full":
+        return FullSimilarity(n, dtype=dtype)
+    return None
+
+
+def load_distilled(path: str | Path) -> DistilledSet:
+    """Load a distilled checkpoint (final or intermediate) written by :func:`run`."""
+    tensors, meta = load_safetensors_checked(path)
+    missing = [k for k in ("image", "text", "lr_img", "lr_txt") if k not in tensors]
+    if missing:
+        raise ValueError(f"{path}: not a distilled set, missing tensors {missing}")
+    if "lors_fast" not in meta:
+        raise ValueError(f"{path}: not a lors-fast distilled file (metadata key 'lors_fast' missing)")
+    info = json.loads(meta["lors_fast"])
+    if info.get("schema") != SCHEMA:
+        raise ValueError(f"{path}: schema {info.get('schema')!r} is not supported (expected {SCHEMA!r})")
+    n = tensors["image"].shape[0]
+    sim = _similarity_from(info["similarity"], n, info.get("rank", 1), info.get("alpha", 1.0), torch.float32)
+    if sim is not None:
+        with torch.no_grad():
+            for name, p in sim.named_parameters():
+                key = f"sim.{name}"
+                if key not in tensors:
+                    raise ValueError(f"{path}: missing tensor {key!r} for similarity {info['similarity']!r}")
+                p.data = tensors[key].clone()
+    return DistilledSet(tensors["image"], tensors["text"], sim, float(tensors["lr_img"]),
+                        float(tensors["lr_txt"]), info)
+
+
+class Distiller:
+    """State and loop of one run (setup in ``__init__``, :meth:`step`, :meth:`save`, :meth:`run`)."""
+
+    def __init__(self, cfg: DistillConfig, *, store=None, dataset=None, caption_emb=None):
+        from .models import FlatModel, StudentSpec, build_student
+        from .trajectories import TrajectoryStore
+
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device={cfg.device!r} requested but CUDA is not available")
+        self.device = torch.device(cfg.device)
+        self.dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+        self.out = Path(cfg.out)
+        self.store = store if store is not None else TrajectoryStore(cfg.buffer)
+        self.spec = StudentSpec.from_dict(self.store.meta["spec"])
+        need = cfg.max_start_epoch - 1 + cfg.expert_epochs
+        if need > self.store.epochs:
+            raise ValueError(f"max_start_epoch - 1 + expert_epochs = {need} exceeds the store's "
+                             f"{self.store.epochs} epochs ({cfg.buffer})")
+        self.expert_ids = self.store.expert_ids
+        if not self.expert_ids:
+            raise ValueError(f"trajectory store {cfg.buffer} holds no finished expert")
+        # --- data: real pairs (init) and caption embeddings (init + nearest captions)
+        self.text_encoder = cfg.text_encoder or self.store.meta.get("encoder")
+        if not self.text_encoder:
+            raise ValueError(f"the store {cfg.buffer} names no text encoder: set text_encoder (--text-encoder)")
+        if dataset is None:
+            from .data import load_split
+
+            extra = {}
+            if cfg.dataset == "synthetic":
+                extra = {"seed": cfg.data_seed, "n_images": cfg.n_train or self.store.meta.get("n_train")}
+            dataset = load_split(cfg.dataset, "train", root=cfg.data_root, ann_root=cfg.ann_root,
+                                 cache_dir=cfg.cache_dir, image_size=self.spec.image_size, **extra)
+        self.ds = dataset
+        if caption_emb is None:
+            from .text import caption_embeddings
+
+            caption_emb = caption_embeddings(dataset, self.text_encoder, cache_dir=cfg.cache_dir)
+        self.caption_emb = caption_emb
+        if store is None:
+            self.store.check_compatible(encoder=self.text_encoder, dataset=dataset.fingerprint)
+        if caption_emb.shape[1] != self.spec.text_dim:
+            raise ValueError(f"text embeddings are {caption_emb.shape[1]}-d but the student expects "
+                             f"text_dim={self.spec.text_dim}")
+        # --- student (built once)
+        img, txt = build_student(self.spec, seed=0)
+        self.img_model = FlatModel(img.to(self.device, self.dtype))
+        self.txt_model = FlatModel(txt.to(self.device, self.dtype))
+        if self.img_model.num_params != self.store.p_img or self.txt_model.num_params != self.store.p_txt:
+            raise ValueError(f"student has ({self.img_model.num_params}, {self.txt_model.num_params}) params, "
+                             f"the store ({self.store.p_img}, {self.store.p_txt})")
+        self.student = Student(self.img_model, self.txt_model, 1.0 / cfg.temperature, cfg.checkpoint)
+        self._init_synthetic()
+        self._init_optimizer()
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.expert_perm = torch.randperm(len(self.expert_ids), generator=self.gen)
+        self.expert_pos = 0
+        self.iteration = 0
+        self._cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._fill_cache()
+        if cfg.resume:
+            self.load_checkpoint(self._resolve_resume(cfg.resume))
+
+    # ----- setup
+    def _init_synthetic(self) -> None:
+        cfg, n = self.cfg, self.cfg.n_pairs
+        g = torch.Generator().manual_seed(cfg.seed)
+        n_cap = len(self.ds.captions)
+        if n > n_cap:
+            raise ValueError(f"n_pairs={n} exceeds the {n_cap} captions of {self.ds.name}")
+        cap = torch.randperm(n_cap, generator=g)[:n]
+        self.init_captions = cap
+        if cfg.pix_init == "real":
+            images = self.ds.normalized(self.ds.txt2img[cap])
+        else:
+            s = self.spec.image_size
+            mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in _PIX_NOISE)
+            images = torch.randn(n, 3, s, s, generator=g) * std + mean
+        if cfg.txt_init == "real":
+            texts = self.caption_emb[cap]
+        else:
+            d = self.spec.text_dim
+            texts = torch.randn(n, d, generator=g) / d**0.5
+        self.images = nn.Parameter(images.to(self.device, self.dtype).contiguous())
+        self.texts = nn.Parameter(texts.to(self.device, self.dtype).contiguous())
+        self.sim = _similarity_from(cfg.similarity, n, cfg.rank, cfg.alpha, self.dtype, generator=g)
+        if self.sim is not None:
+            self.sim.to(self.device)
+        self.slicer = SimSlicer(self.sim)
+        self.lr_img = nn.Parameter(torch.tensor(cfg.init_lr_img, dtype=self.dtype, device=self.device))
+        self.lr_txt = nn.Parameter(torch.tensor(cfg.init_lr_txt, dtype=self.dtype, device=self.device))
+
+    def _init_optimizer(self) -> None:
+        cfg = self.cfg
+        self.groups = {"images": [self.images], "texts": [self.texts], "lrs": [self.lr_img, self.lr_txt]}
+        if self.sim is not None:
+            self.groups["sim"] = list(self.sim.parameters())
+        lrs = {"images": (cfg.lr_img, cfg.momentum_syn), "texts": (cfg.lr_txt, cfg.momentum_syn),
+               "lrs": (cfg.lr_lr, cfg.momentum_lr), "sim": (cfg.lr_sim, cfg.momentum_sim)}
+        self.opt = torch.optim.SGD([{"params": ps, "lr": lrs[k][0], "momentum": lrs[k][1]}
+                                    for k, ps in self.groups.items()], lr=0.0)
+
+    def _needed_epochs(self) -> list[int]:
+        return list(range(self.cfg.max_start_epoch - 1 + self.cfg.expert_epochs + 1))
+
+    def _fill_cache(self) -> None:
+        mode = self.cfg.expert_cache
+        if mode == "auto":
+            nbytes = len(self.expert_ids) * len(self._needed_epochs()) * (self.store.p_img + self.store.p_txt) * 4
+            mode = "memory" if nbytes <= 2 * 2**30 else "disk"
+        self.cache_mode = mode
+        if mode == "memory":
+            for e in self.expert_ids:
+                for ep in self._needed_epochs():
+                    self._cache[(e, ep)] = self._read(e, ep)
+
+    def _read(self, expert: int, epoch: int):
+        a, b = self.store.snapshot(expert, epoch)
+        return a.to(self.device, self.dtype), b.to(self.device, self.dtype)
+
+    def _snapshot(self, expert: int, epoch: int):
+        hit = self._cache.get((expert, epoch))
+        return hit if hit is not None else self._read(expert, epoch)
+
+    def _next_expert(self) -> tuple[int, int]:
+        if self.expert_pos >= len(self.expert_ids):
+            self.expert_perm = torch.randperm(len(self.expert_ids), generator=self.gen)
+            self.expert_pos = 0
+        e = self.expert_ids[int(self.expert_perm[self.expert_pos])]
+        self.expert_pos += 1
+        start_epoch = int(torch.randint(0, self.cfg.max_start_epoch, (1,), generator=self.gen))
+        return e, start_epoch
+
+    def loss_fn(self, f, h, target):
+        from . import contrastive_loss
+
+        return contrastive_loss(f, h, self.student.logit_scale, target, kind=self.cfg.loss,
+                                backend=self.cfg.loss_backend)
+
+    # ----- one iteration
+    def step(self) -> dict:
+        cfg, t0 = self.cfg, time.perf_counter()
+        it = self.iteration
+        expert, start_epoch = self._next_expert()
+        start = self._snapshot(expert, start_epoch)
+        target = self._snapshot(expert, start_epoch + cfg.expert_epochs)
+        plan = make_plan(cfg.n_pairs, cfg.mini_batch, cfg.syn_steps, self.gen, self.device)
+        kw = {"chunk": cfg.chunk} if cfg.method == "tesla" else {}
+        fn = tesla_iteration if cfg.method == "tesla" else mtt_iteration
+        try:
+            res = fn(self.student, self.loss_fn, self.images, self.texts, self.slicer, self.lr_img, self.lr_txt,
+                     start, target, plan, merge_branches=cfg.merge_loss_branches, **kw)
+        except FloatingPointError as e:
+            raise DistillDivergedError(f"iteration {it + 1}: {e}; {self._last_good()}") from e
+        grads = {"images": [res.grad_images], "texts": [res.grad_texts],
+                 "lrs": [res.grad_lr_img, res.grad_lr_txt], "sim": res.grad_sim}
+        metrics = {"iteration": it + 1, "expert": expert, "start_epoch": start_epoch, "loss": res.loss,
+                   "loss_img": res.loss_img, "loss_txt": res.loss_txt, "student_loss": res.student_loss,
+                   "drift": res.drift}
+        for k, ps in self.groups.items():
+            norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads[k])))
+            metrics[f"grad_norm_{k}"] = norm
+            if not torch.isfinite(torch.tensor(norm)):
+                raise DistillDivergedError(f"iteration {it + 1}: non-finite gradient of {k}; {self._last_good()}")
+            for p, g in zip(ps, grads[k]):
+                p.grad = g.detach().to(p.dtype)
+            if k in cfg.clip_grad:
+                torch.nn.utils.clip_grad_norm_(ps, cfg.clip_grad[k])
+        if not all(torch.isfinite(torch.tensor(v)) for v in (res.loss, res.student_loss)):
+            raise DistillDivergedError(f"iteration {it + 1}: non-finite loss {res.loss}; {self._last_good()}")
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if cfg.clamp_lr is not None:
+            with torch.no_grad():
+                self.lr_img.clamp_(min=cfg.clamp_lr)
+                self.lr_txt.clamp_(min=cfg.clamp_lr)
+        self.iteration = it + 1
+        metrics.update(lr_img=float(self.lr_img), lr_txt=float(self.lr_txt), time_s=time.perf_counter() - t0)
+        return metrics
+
+    def _last_good(self) -> str:
+        p = self.out / "checkpoints" / "last.safetensors"
+        return f"the last good checkpoint is kept: {p}" if p.is_file() else "no checkpoint was written yet"
+
+    # ----- checkpoints
+    def info(self) -> dict:
+        cfg = self.cfg
+        return {"schema": SCHEMA, "iteration": self.iteration, "similarity": cfg.similarity, "rank": cfg.rank,
+                "alpha": cfg.alpha, "loss": cfg.loss, "temperature": cfg.temperature, "spec": self.spec.to_dict(),
+                "dataset": self.ds.name, "dataset_fingerprint": self.ds.fingerprint,
+                "text_encoder": self.text_encoder, "method": cfg.method, "n_pairs": cfg.n_pairs,
+                "config": cfg.to_dict()}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        t = {"image": self.images.detach(), "text": self.texts.detach(), "lr_img": self.lr_img.detach(),
+             "lr_txt": self.lr_txt.detach()}
+        if self.sim is not None:
+            t.update({f"sim.{n}": p.detach() for n, p in self.sim.named_parameters()})
+        for k, ps in self.groups.items():
+            for j, p in enumerate(ps):
+                buf = self.opt.state.get(p, {}).get("momentum_buffer")
+                if buf is not None:
+                    t[f"opt.{k}.{j}"] = buf
+        t["rng.gen"] = self.gen.get_state()
+        t["rng.cpu"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            t["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        t["state.expert_perm"] = self.expert_perm
+        t["state.expert_pos"] = torch.tensor(self.expert_pos)
+        t["state.iteration"] = torch.tensor(self.iteration)
+        return t
+
+    def save(self, path: Path) -> Path:
+        meta = {"lors_fast": json.dumps(self.info(), sort_keys=True)}
+        return save_safetensors_atomic(self.state_tensors(), path, meta)
+
+    def _resolve_resume(self, resume: str) -> Path:
+        p = Path(resume)
+        if p.is_dir():
+            p = p / "checkpoints" / "last.safetensors"
+        if not p.is_file():
+            raise FileNotFoundError(f"resume checkpoint not found: {p} (pass a checkpoint file or a run folder)")
+        return p
+
+    def load_checkpoint(self, path: Path) -> None:
+        tensors, meta = load_safetensors_checked(path)
+        missing = [k for k in ("image", "text", "lr_img", "lr_txt", "rng.gen", "state.iteration") if k not in tensors]
+        if missing:
+            raise ValueError(f"{path}: not a resumable checkpoint, missing tensors {missing}")
+        info = json.loads(meta.get("lors_fast", "{}"))
+        for key in ("similarity", "n_pairs", "method", "loss"):
+            if info.get(key) != getattr(self.cfg, key):
+                raise ValueError(f"{path}: checkpoint has {key}={info.get(key)!r}, config {getattr(self.cfg, key)!r}")
+        with torch.no_grad():
+            self.images.copy_(tensors["image"])
+            self.texts.copy_(tensors["text"])
+            self.lr_img.copy_(tensors["lr_img"])
+            self.lr_txt.copy_(tensors["lr_txt"])
+            if self.sim is not None:
+                for n, p in self.sim.named_parameters():
+                    p.copy_(tensors[f"sim.{n}"])
+        for k, ps in self.groups.items():
+            for j, p in enumerate(ps):
+                key = f"opt.{k}.{j}"
+                if key in tensors:
+                    self.opt.state[p]["momentum_buffer"] = tensors[key].to(p.device, p.dtype).clone()
+        self.gen.set_state(tensors["rng.gen"])
+        torch.set_rng_state(tensors["rng.cpu"])
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        self.expert_perm = tensors["state.expert_perm"].clone()
+        self.expert_pos = int(tensors["state.expert_pos"])
+        self.iteration = int(tensors["state.iteration"])
+
+    def distilled(self) -> DistilledSet:
+        sim = None
+        if self.sim is not None:
+            sim = _similarity_from(self.cfg.similarity, self.cfg.n_pairs, self.cfg.rank, self.cfg.alpha,
+                                   torch.float32)
+            with torch.no_grad():
+                for (_, p), (_, q) in zip(sim.named_parameters(), self.sim.named_parameters()):
+                    p.copy_(q.detach().float().cpu())
+        return DistilledSet(self.images.detach().float().cpu().clone(), self.texts.detach().float().cpu().clone(),
+                            sim, float(self.lr_img), float(self.lr_txt), self.info())
+
+    # ----- the loop
+    def run(self) -> DistillResult:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(cfg.to_dict(), self.out / "config.json")
+        metrics_path = self.out / "metrics.jsonl"
+        history = self._read_history(metrics_path)
+        ckpt = self.out / "checkpoints" / "last.safetensors"
+        if self.iteration == 0:  # a fresh run replaces any older run's checkpoint in this folder
+            self.save(ckpt)
+        bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.iterations, initial=self.iteration, desc="distill", dynamic_ncols=True)
+        try:
+            with open(metrics_path, "a", encoding="utf-8") as mf:
+                while self.iteration < cfg.iterations:
+                    m = self.step()
+                    history.append(m)
+                    mf.write(json.dumps(m) + "\n")
+                    mf.flush()
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{m['loss']:.4f}", lr_img=f"{m['lr_img']:.3g}")
+                    if self.iteration % cfg.ckpt_every == 0 or self.iteration == cfg.iterations:
+                        self.save(ckpt)
+        finally:
+            if bar is not None:
+                bar.close()
+        final = self.save(self.out / "distilled.safetensors")
+        result = DistillResult(self.distilled(), history, self.out, final)
+        if cfg.artifacts:
+            from .artifacts import write_artifacts
+
+            write_artifacts(self, result)
+        return result
+
+    def _read_history(self, path: Path) -> list[dict]:
+        """Metrics of iterations ≤ the current one (lines written after the checkpoint are dropped)."""
+        if not path.is_file():
+            return []
+        keep = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                m = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            if m.get("iteration", 0) <= self.iteration:
+                keep.append(m)
+        from .io import atomic_write
+
+        atomic_write(path, "".join(json.dumps(m) + "\n" for m in keep).encode("utf-8"))
+        return keep
+
+
+def run(cfg: DistillConfig, **kwargs) -> DistillResult:
+    """Run (or resume, with ``cfg.resume``) a distillation; returns the final set and the metrics."""
+    return Distiller(cfg, **kwargs).run()
