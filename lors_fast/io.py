@@ -1,0 +1,120 @@
+"""Atomic file writes and checked loads shared by every stage.
+
+Every artifact lors-fast writes (trajectory files, caches, checkpoints, JSON indexes) goes through
+:func:`atomic_write`: the content is written to a temporary file in the destination folder, flushed and
+fsync'ed, then moved over the destination with :func:`os.replace`. A reader therefore sees either the
+old file or the complete new one, never a truncated file, even if the writer is killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "atomic_write",
+    "save_safetensors_atomic",
+    "load_safetensors_checked",
+    "write_json_atomic",
+    "read_json_checked",
+]
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | Callable[[Path], None]) -> Path:
+    """Write ``data`` to ``path`` atomically and return the path.
+
+    ``data`` is either the bytes to write, or a callback ``fn(tmp_path)`` that writes the file itself
+    (e.g. ``lambda p: np.save(p, arr)``); the callback must write to exactly the path it receives.
+    Parent folders are created. The temporary file is removed if anything fails.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp_path = Path(tmp)
+    try:
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        elif callable(data):
+            os.close(fd)
+            data(tmp_path)
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
+        else:
+            os.close(fd)
+            raise TypeError(f"atomic_write: data must be bytes or a callable, got {type(data).__name__}")
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_safetensors_atomic(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> Path:
+    """Save ``tensors`` (name -> tensor) as a safetensors file, atomically.
+
+    Tensors are made contiguous and moved to CPU. ``metadata`` must map str to str (safetensors' rule).
+    """
+    from safetensors.torch import save_file
+
+    if metadata is not None:
+        bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+        if bad:
+            raise ValueError(f"safetensors metadata must map str -> str; bad keys: {bad}")
+    clean = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
+    return atomic_write(path, lambda p: save_file(clean, str(p), metadata=metadata))
+
+
+def load_safetensors_checked(
+    path: str | os.PathLike, keys: list[str] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load (tensors, metadata) from a safetensors file with errors that name the file.
+
+    Raises FileNotFoundError if the file is absent and ValueError if it is truncated or not a
+    safetensors file, or lacks one of ``keys``.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"safetensors file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            names = list(f.keys())
+            missing = [k for k in (keys or []) if k not in names]
+            if missing:
+                raise ValueError(f"{path}: missing tensors {missing}; the file has {names}")
+            out = {k: f.get_tensor(k) for k in (keys if keys is not None else names)}
+    except ValueError:
+        raise
+    except Exception as e:  # safetensors raises its own SafetensorError / OSError on corrupt files
+        raise ValueError(f"{path}: not a readable safetensors file (corrupt or truncated?): {e}") from e
+    return out, meta
+
+
+def write_json_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    """Write ``obj`` as pretty JSON (sorted keys) atomically."""
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    return atomic_write(path, text.encode("utf-8"))
+
+
+def read_json_checked(path: str | os.PathLike) -> Any:
+    """Read a JSON file; FileNotFoundError / ValueError name the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"JSON file not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: malformed JSON ({e})") from e
