@@ -94,14 +94,48 @@ def _options(fn):
     return fn
 
 
+#: DistillConfig options the main job takes itself (the rest are passed to both distillation runs)
+_MAIN_JOB_KEYS = ("out", "rank", "alpha", "n_pairs", "iterations", "seed", "cache_dir", "n_train", "text_encoder")
+
+
+def _main_job(given: dict, eval_runs: int, eval_epochs, baseline: bool, random_subset: bool, parallel: bool):
+    from lors_fast.pipeline import MainJobConfig, run_main_job
+
+    job = {k: given.pop(k) for k in _MAIN_JOB_KEYS if k in given}
+    given.pop("dataset", None)
+    progress = given.pop("progress", True)
+    try:
+        cfg = MainJobConfig(eval_runs=eval_runs, eval_epochs=eval_epochs, baseline=baseline,
+                            random_subset=random_subset, parallel=parallel, progress=progress, distill=given, **job)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    run_main_job(cfg)
+
+
 @click.command("distill")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
               help="default: embedded CPU recipe; flickr-/coco-100/200/500: the paper's scripts")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="TOML file of options (keys = option names with underscores; may set preset)")
+@click.option("--eval-runs", type=click.IntRange(1), default=3, show_default=True,
+              help="main job only: evaluation seeds per set")
+@click.option("--eval-epochs", type=click.IntRange(1), default=None,
+              help="main job only: training epochs of each evaluation network [default: 100]")
+@click.option("--baseline/--no-baseline", default=True, show_default=True,
+              help="main job only: also distill the no-mining (S = I) trajectory-matching baseline")
+@click.option("--random-subset/--no-random-subset", default=True, show_default=True,
+              help="main job only: also evaluate a random real subset of the same size")
+@click.option("--parallel/--serial", default=True, show_default=True,
+              help="main job only: distill LoRS and the baseline in two processes")
 @_options
-def distill(preset, config_file, **opts):
-    """Distill a synthetic image-text set by trajectory matching with low-rank similarity mining."""
+def distill(preset, config_file, eval_runs, eval_epochs, baseline, random_subset, parallel, **opts):
+    """Distill a synthetic image-text set by trajectory matching with low-rank similarity mining.
+
+    Without --buffer (and without --preset/--config, on the embedded synthetic dataset) this runs the
+    MAIN JOB end to end: dataset and text-embedding cache, an expert buffer when none exists (reused next
+    time), LoRS and the no-mining baseline, a random subset, evaluation of the three, and a results table
+    (e.g. `lors-fast distill --rank 10`).
+    """
     from lors_fast.distill import DistillDivergedError, run
     from lors_fast.distill_config import load_config
 
@@ -109,6 +143,9 @@ def distill(preset, config_file, **opts):
     given = {k: v for k, v in opts.items() if v is not None}
     if clip is not None:
         given["clip_grad"] = clip
+    if (preset is None and config_file is None and "buffer" not in given and "resume" not in given
+            and given.get("dataset", "synthetic") == "synthetic"):
+        return _main_job(given, eval_runs, eval_epochs, baseline, random_subset, parallel)
     if preset is None and config_file is None:
         preset = "default"
     try:

@@ -285,7 +285,7 @@ class Distiller:
                 self.lr_img.clamp_(min=cfg.clamp_lr)
                 self.lr_txt.clamp_(min=cfg.clamp_lr)
         self.iteration = it + 1
-        metrics.update(lr_img=float(self.lr_img), lr_txt=float(self.lr_txt), time_s=time.perf_counter() - t0)
+        metrics.update(lr_img=float(self.lr_img.detach()), lr_txt=float(self.lr_txt.detach()), time_s=time.perf_counter() - t0)
         return metrics
 
     def _last_good(self) -> str:
@@ -371,7 +371,7 @@ class Distiller:
                 for (_, p), (_, q) in zip(sim.named_parameters(), self.sim.named_parameters()):
                     p.copy_(q.detach().float().cpu())
         return DistilledSet(self.images.detach().float().cpu().clone(), self.texts.detach().float().cpu().clone(),
-                            sim, float(self.lr_img), float(self.lr_txt), self.info())
+                            sim, float(self.lr_img.detach()), float(self.lr_txt.detach()), self.info())
 
     # ----- the loop
     def run(self) -> DistillResult:

@@ -21,6 +21,7 @@ One iteration unrolls the student K steps from an expert snapshot θ₀ on minib
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -29,6 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models import seeded
+
+# Our .backward(create_graph=True) calls break the parameter<->grad cycle themselves (grads are reset to
+# None right after use), so torch's generic warning about that cycle is noise here.
+warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True", category=UserWarning)
 
 __all__ = [
     "CHECKPOINT_BACKENDS",
