@@ -6,8 +6,8 @@ import os
 
 import pytest
 from click.testing import CliRunner
-
 from lors_fast.cli import main
+
 from lors_fast.pipeline import MainJobConfig, format_table
 
 
