@@ -34,7 +34,7 @@ class MainJobConfig:
     rank: int = 10
     alpha: float | None = None  # None: the "default" distill preset's
     n_pairs: int = 100
-    iterations: int | None = None  # None: the preset's
+    iterations: int | None = 150  # distillation iterations per run (None: the "default" preset's 300)
     eval_runs: int = 3
     eval_epochs: int | None = None  # None: EVAL_DEFAULTS
     seed: int = 0
