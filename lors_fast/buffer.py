@@ -61,32 +61,12 @@ PRESETS: dict[str, dict] = {
         augment="none",
         captions="random",
     ),
-    # the paper's buffer runs (sh/buffer_{flickr,coco}.sh): NFNet-l0 + frozen BERT (CLS) + ProjectionHead
-    "flickr-paper": dict(
-        dataset="flickr",
-        image_arch="nfnet_l0",
-        text_encoder=None,
-        text_head="projection",
-        image_size=224,
-        experts=20,
-        epochs=10,
-        batch_size=128,
-        augment="crop_flip",
-        captions="all",
-    ),
-    "coco-paper": dict(
-        dataset="coco",
-        image_arch="nfnet_l0",
-        text_encoder=None,
-        text_head="projection",
-        image_size=224,
-        experts=20,
-        epochs=10,
-        batch_size=128,
-        augment="crop_flip",
-        captions="all",
-    ),
 }
+# the paper's buffer runs (sh/buffer_{flickr,coco}.sh, identical but for the dataset): NFNet-l0 + frozen BERT
+# (CLS) + ProjectionHead
+_PAPER_BUFFER = dict(image_arch="nfnet_l0", text_encoder=None, text_head="projection", image_size=224, experts=20,
+                     epochs=10, batch_size=128, augment="crop_flip", captions="all")
+PRESETS.update({f"{ds}-paper": dict(_PAPER_BUFFER, dataset=ds) for ds in ("flickr", "coco")})
 
 
 @dataclass
