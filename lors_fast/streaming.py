@@ -85,6 +85,22 @@ def _accumulate(spec: _Spec, acc: list, grads, k0, k1, row_count: int):
             acc[i] += g
 
 
+def _add_grads(acc: list, grads, want, row_pos, k0, k1):
+    """Add one chunk's gradients (``grads``: one per True in ``want``, maybe None) into the full-size
+    accumulators; positions in ``row_pos`` are row-sliced inputs."""
+    it = iter(grads)
+    for i, w in enumerate(want):
+        if not w:
+            continue
+        g = next(it)
+        if g is None:
+            continue
+        if i in row_pos:
+            acc[i][k0:k1] += g
+        else:
+            acc[i] += g
+
+
 class _ChunkedSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: _Spec, *inputs):
@@ -453,18 +469,9 @@ class _LseGrad(torch.autograd.Function):
                     total = term if total is None else total + term
                 if total is None or not total.requires_grad:
                     continue
-                wrt = [x for x, w in zip(leaves, need_in) if w and x is not None]
-                d = iter(torch.autograd.grad(total, wrt, allow_unused=True))
-            for i, (x, w) in enumerate(zip(leaves, need_in)):
-                if not w or x is None:
-                    continue
-                di = next(d)
-                if di is None:
-                    continue
-                if i in row_pos:
-                    acc[i][k0:k1] += di
-                else:
-                    acc[i] += di
+                want = [w and x is not None for x, w in zip(leaves, need_in)]
+                d = torch.autograd.grad(total, [x for x, w in zip(leaves, want) if w], allow_unused=True)
+            _add_grads(acc, d, want, row_pos, k0, k1)
         return (None, None, *acc)
 
 
@@ -767,18 +774,8 @@ class _PairSumGrad(torch.autograd.Function):
                     total = term if total is None else total + term
                 if total is None or not total.requires_grad:
                     continue
-                wrt = [x for x, w in zip(leaves, need_in) if w]
-                d = iter(torch.autograd.grad(total * gout, wrt, allow_unused=True))
-            for i, w in enumerate(need_in):
-                if not w:
-                    continue
-                di = next(d)
-                if di is None:
-                    continue
-                if i in row_pos:
-                    acc[i][k0:k1] += di
-                else:
-                    acc[i] += di
+                d = torch.autograd.grad(total * gout, [x for x, w in zip(leaves, need_in) if w], allow_unused=True)
+            _add_grads(acc, d, need_in, row_pos, k0, k1)
         return (None, None, None, d_go, *acc)
 
 
