@@ -12,3 +12,11 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     # run the Triton kernels on CPU tensors (set before anything imports triton)
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:
+    # Bind the kernels now, in the mode just chosen: @triton.jit reads TRITON_INTERPRET when the module is
+    # first imported, so a test that unsets it (monkeypatch) before the first import would otherwise leave
+    # compiled-mode kernels behind for every later interpreter test.
+    import lors_fast.ops.triton_kernels  # noqa: E402, F401
+except ImportError:  # no triton: the triton tests skip themselves
+    pass
