@@ -30,12 +30,15 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def resolve_backend(backend: str, device: torch.device, kind: str = "infonce") -> str:
-    """The backend that will run: "auto" is triton on CUDA (for the kinds it fuses), streaming otherwise."""
+def resolve_backend(backend: str, device: torch.device, kind: str = "infonce",
+                    dtype: torch.dtype | None = None) -> str:
+    """The backend that will run: "auto" is triton on CUDA (for the kinds it fuses, in fp32/bf16/fp16),
+    streaming otherwise. float64 never goes to the compiled kernels: it is the exact-arithmetic mode (tests,
+    oracles), which the chunked torch path serves; fp64 ``tl.dot`` is only exercised in the interpreter."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
-        if device.type == "cuda" and triton_available() and kind in TRITON_KINDS:
+        if device.type == "cuda" and triton_available() and kind in TRITON_KINDS and dtype != torch.float64:
             return "triton"
         return "streaming"
     if backend == "triton":
@@ -45,6 +48,10 @@ def resolve_backend(backend: str, device: torch.device, kind: str = "infonce") -
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (got device {device}); set TRITON_INTERPRET=1 to run the "
                 "kernels on CPU in the interpreter, or use backend='streaming'")
+        if device.type == "cuda" and dtype == torch.float64:
+            raise ValueError(
+                "backend='triton' runs float16/bfloat16/float32 on CUDA, got float64 (fp64 kernels are for the "
+                "CPU interpreter only); use backend='streaming' (or 'auto') for exact float64 on the GPU")
     return backend
 
 
@@ -144,7 +151,7 @@ def contrastive_loss(image_features, text_features, logit_scale, target=None, *,
     U, V = image_features, text_features
     scale = _check_scalar("logit_scale", logit_scale, U)
     bias = None if logit_bias is None else _check_scalar("logit_bias", logit_bias, U)
-    which = resolve_backend(backend, U.device, kind)
+    which = resolve_backend(backend, U.device, kind, U.dtype)
     if which == "reference":
         return reference_loss(U, V, scale, target, kind=kind, logit_bias=bias, kl_temperature=kl_temperature)
     streaming = StreamingPrimitives(chunk_size)

@@ -103,9 +103,10 @@ class _MaterialisedPrimitives:
         return (-F.logsigmoid(-self._z(U, V, scale, bias))).sum()
 
 
-def block_primitives(backend: str, device: torch.device, kind: str, chunk_size: int | None = None):
-    """The primitives that ``backend`` resolves to on ``device`` (for the rectangular blocks)."""
-    which = resolve_backend(backend, device, kind)
+def block_primitives(backend: str, device: torch.device, kind: str, chunk_size: int | None = None,
+                     dtype: torch.dtype | None = None):
+    """The primitives that ``backend`` resolves to on ``device`` for ``dtype`` (for the rectangular blocks)."""
+    which = resolve_backend(backend, device, kind, dtype)
     if which == "reference":
         return _MaterialisedPrimitives()
     if which == "streaming":
@@ -264,7 +265,8 @@ class ClipLoss(nn.Module):
             img_all, txt_all = self._gather(image_features, text_features)
             if self.local_loss:
                 m = image_features.shape[0]
-                prims = block_primitives(self.backend, image_features.device, "infonce", self.chunk_size)
+                prims = block_primitives(self.backend, image_features.device, "infonce", self.chunk_size,
+                                         image_features.dtype)
                 loss = 0.5 * (clip_block_loss(prims, image_features, txt_all, m * self.rank, scale, bias)
                               + clip_block_loss(prims, text_features, img_all, m * self.rank, scale, bias))
             else:
@@ -310,7 +312,7 @@ class SigLipLoss(nn.Module):
 
     def _remote_blocks(self, U, V, scale, bias):
         """Σ of the negative-only blocks of this rank's images against the other ranks' texts."""
-        prims = block_primitives(self.backend, U.device, "siglip", self.chunk_size)
+        prims = block_primitives(self.backend, U.device, "siglip", self.chunk_size, U.dtype)
         neg = lambda T: siglip_negative_block(prims, U, T, scale, bias)  # noqa: E731
         w, r = self.world_size, self.rank
         left, right = (r - 1) % w, (r + 1) % w

@@ -84,6 +84,21 @@ def test_triton_without_cuda_or_interpreter(monkeypatch):
         contrastive_loss(U, V, 10.0, backend="triton")
 
 
+def test_float64_on_cuda_never_goes_to_the_kernels(monkeypatch):
+    """fp64 is the exact mode: "auto" serves it with the chunked torch path on CUDA, and an explicit triton
+    request says why not (decided from the device and dtype alone, so no GPU is needed to test it)."""
+    from lors_fast import functional
+
+    monkeypatch.setattr(functional, "triton_available", lambda: True)
+    cuda = torch.device("cuda")
+    assert functional.resolve_backend("auto", cuda, "infonce", torch.float64) == "streaming"
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        assert functional.resolve_backend("auto", cuda, "infonce", dt) == "triton"
+    assert functional.resolve_backend("auto", cuda, "kl", torch.float32) == "streaming"
+    with pytest.raises(ValueError, match=r"backend='triton' runs float16/bfloat16/float32 on CUDA, got float64"):
+        functional.resolve_backend("triton", cuda, "infonce", torch.float64)
+
+
 def test_rank_zero():
     with pytest.raises(ValueError, match=r"rank must be >= 1, got left of shape \(6, 0\)"):
         LowRankTarget(torch.ones(N), torch.zeros(N, 0), torch.zeros(N, 0))

@@ -24,7 +24,7 @@ Dense targets are not fused: they are delegated to the chunked torch backend
 Kernels run on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was first
 imported (tests). Triton itself is imported lazily, at the first call.
 
-Precision: inputs fp32/bf16/fp16 (and fp64, for exact tests) with fp32 (fp64) accumulation. ``FP32_PRECISION``
+Precision: inputs fp32/bf16/fp16 (and fp64 in the interpreter, for exact tests; on CUDA fp64 goes to the streaming path) with fp32 (fp64) accumulation. ``FP32_PRECISION``
 selects the ``tl.dot`` input precision for fp32 inputs ("tf32" by default on GPU, "ieee" for exact tests; the
 argument ``fp32_precision=`` of ``TritonPrimitives`` overrides it); ``LOWRANK_PRECISION`` that of the rank-r
 target tiles (default: "ieee" when the main GEMMs are exact, "tf32" otherwise). ``count_pos`` is always exact.
