@@ -11,8 +11,24 @@ Sections (each guarded by a time budget and its own try/except, so the whole run
   3. a small block-config sweep of the bf16 forward/backward kernels (the best is used for section 4);
   4. timings (median, p20, p80 via triton.testing.do_bench) of lors_fast.contrastive_loss fwd+bwd for
      triton, eager reference and torch.compile(reference), TFLOP/s by the FLOP model 8·N²·(d+r), peak memory;
-     double backward at N = 8192.
+     double backward at N = 8192;
+  5. other providers (a ~20 s slice before the grid): Inf-CL (`inf_cl.cal_flash_loss`, both directions averaged)
+     and open_clip `ClipLoss` on the symmetric hard-label CLIP loss (our infonce, identity target) at N = 32768,
+     d = 512, bf16: loss and gradient agreement with ours, fwd+bwd timing rows (provider column), ratio
+     ours/theirs. Each is skipped with a logged reason when not importable (Inf-CL also off CUDA);
+  6. the grid (N × d × dtype × kind, triton and eager) with what time is left.
 Writes $OUT/gpu_results.json and $OUT/gpu_results.md (bench/ when OUT is unset).
+
+Inf-CL and open_clip on a machine without internet: this script installs nothing. Fetch the wheels beforehand
+with `bash bench/fetch_wheels.sh` (bench/wheels/, gitignored, ≈ 28 MiB, carried to the device with the tree),
+then on the device, from the repository root (keeps the installed torch/triton/numpy; torchvision is not
+needed, open_clip/loss.py is loaded alone when `import open_clip` fails):
+
+    python -m pip install -q --no-index --no-deps --find-links bench/wheels inf-cl open_clip_torch timm; \
+    python -m pip install -q --no-index --find-links bench/wheels ftfy regex tqdm huggingface_hub safetensors \
+        pyyaml numpy; export PYTHONPATH=$PWD PYTHONUNBUFFERED=1; python bench/gpu_check.py 2>&1 | tee $OUT/log.txt
+
+(`;`, not `&&`: a failed install only turns the two provider rows into logged skips.)
 """
 
 from __future__ import annotations
@@ -42,7 +58,7 @@ import torch.nn.functional as F  # noqa: E402
 
 OUT = os.environ.get("OUT") or os.path.dirname(os.path.abspath(__file__))
 RES: dict = {"meta": {}, "ceiling": {}, "correctness": [], "sweep": [], "timing": [], "double_backward": [],
-             "errors": []}
+             "providers": [], "errors": []}
 F64 = torch.float64
 
 
@@ -480,6 +496,8 @@ def time_row(provider, kind, lowrank, N, d, dtype, until, double=False):
                 return reference_loss(img, txt, scale, tgt, kind=kind, logit_bias=logit_bias)
             _COMPILED[key] = torch.compile(ref, dynamic=False)
         fn_loss, backend = _COMPILED[key], None
+    elif provider in _OTHER_PROVIDERS:
+        fn_loss, backend = _other_loss_fn(provider), None
     else:
         raise ValueError(provider)
     if not double:
@@ -566,15 +584,212 @@ def sec_grid(until):
         torch.backends.cuda.matmul.allow_tf32 = False
 
 
-def sec_others(until):
-    for mod in ("inf_cl", "open_clip"):
-        try:
-            __import__(mod)
-            RES["meta"][f"{mod}_importable"] = True
-            log(f"{mod} importable (rows not implemented in this script version)")
-        except Exception:
-            RES["meta"][f"{mod}_importable"] = False
-            log(f"{mod} not importable: rows skipped")
+# ------------------------------------------------------------------------------- other providers
+# Two outside implementations of the symmetric hard-label CLIP loss, i.e. our kind="infonce" with the identity
+# target: ½[(1/N)Σ_i CE(row i of Z, i) + (1/N)Σ_j CE(column j of Z, j)], Z = logit_scale·U·Vᵀ.
+#   "openclip": open_clip.loss.ClipLoss()(U, V, logit_scale) (world_size 1: no gather). It computes exactly that
+#       quantity, materialising two N×N logit matrices (U·Vᵀ and V·Uᵀ) in the input dtype: sizes are limited by
+#       _fits_materialised. When `import open_clip` fails (e.g. no torchvision, which its __init__ imports),
+#       open_clip/loss.py is loaded on its own (it needs only torch).
+#   "infcl": Inf-CL (pip package inf-cl). Its single-GPU entry point is inf_cl.cal_flash_loss(q, k, labels,
+#       scale, head_dim) (flash.py): ONE direction only, per-row loss LSE_j(s·q_i·k_j) − s·q_i·k_i (scale
+#       multiplied into q, labels default arange), unreduced. cal_inf_loss / cal_ring_loss (ring.py) take the
+#       ring path when torch.distributed is initialised and fall back to the same flash loss otherwise, but wrap
+#       the scale in GradientGather whose backward calls dist.all_reduce, which fails without a process group; so
+#       the provider calls cal_flash_loss directly, both ways, and averages the means:
+#       ½[cal_flash_loss(U, V, scale=s).mean() + cal_flash_loss(V, U, scale=s).mean()] (as Inf-CL's own ring.py
+#       self-test does) = the same quantity as ours. Dtypes: any float input is accepted but cast to fp32 inside
+#       (`.float()`), the kernels run fp32 with TF32 tl.dot (the backward rounds operands to TF32 with PTX inline
+#       asm cvt.rna.tf32.f32); a bf16 row therefore means bf16 inputs, fp32/TF32 arithmetic. head_dim must divide
+#       d and be a power of two ≥ 16 (the kernels load BLOCK_HEADDIM = next_pow2(head_dim) columns unmasked);
+#       its kernels assert q.is_cuda, so there is no CPU / interpreter run.
+_OTHER_PROVIDERS = ("openclip", "infcl")
+_OTHER_FNS: dict = {}
+OTHER_NOTES = {
+    "openclip": "open_clip.loss.ClipLoss (world_size 1): ½(CE(s·U·Vᵀ) + CE(s·V·Uᵀ)), two N×N logits in the "
+                "input dtype — the same quantity as ours (infonce, identity target)",
+    "infcl": "Inf-CL inf_cl.cal_flash_loss (single-GPU entry; one direction per call, unreduced): "
+             "½[mean cal_flash_loss(U, V, scale=s) + mean cal_flash_loss(V, U, scale=s)] — the same quantity as "
+             "ours; inputs cast to fp32 inside, TF32 dots (a bf16 row = bf16 inputs, fp32/TF32 compute)",
+}
+
+
+def _fits_materialised(N, dtype):
+    """The grid's rule for materialised providers: ~8 N×N matrices in the input dtype under ~100 GiB."""
+    return 8 * N * N * (2 if dtype in (torch.bfloat16, torch.float16) else 4) < 100 * 2**30
+
+
+def _infcl_head_dim(d):
+    """Inf-CL splits d into heads of head_dim (default 256); it must divide d and be a power of two ≥ 16."""
+    for hd in (256, 128, 64, 32, 16):
+        if d % hd == 0:
+            return hd
+    raise ValueError(f"Inf-CL needs d divisible by a power of two in [16, 256]; d = {d}")
+
+
+def _load_clip_loss():
+    """open_clip's ClipLoss class and where it came from. Reading: `import open_clip` pulls in torchvision and timm
+    (the model zoo); loss.py itself needs only torch, so it is loaded from the installed package on its own when
+    the package import fails."""
+    try:
+        import open_clip
+        from open_clip.loss import ClipLoss
+        return ClipLoss, f"open_clip {getattr(open_clip, '__version__', '?')}"
+    except Exception as e:  # e.g. ModuleNotFoundError: torchvision
+        import importlib.util
+
+        spec = importlib.util.find_spec("open_clip")  # locates the package without running its __init__
+        if spec is None or not spec.submodule_search_locations:
+            raise
+        path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
+        mspec = importlib.util.spec_from_file_location("_open_clip_loss_only", path)
+        mod = importlib.util.module_from_spec(mspec)
+        mspec.loader.exec_module(mod)
+        return mod.ClipLoss, f"{path} loaded alone (import open_clip: {type(e).__name__}: {str(e)[:80]})"
+
+
+def _other_loss_fn(provider):
+    """A loss function with lors_fast.contrastive_loss's call signature for an outside provider (infonce, identity
+    target, no bias only)."""
+    if provider not in _OTHER_FNS:
+        if provider == "openclip":
+            ClipLoss, src = _load_clip_loss()
+            crit = ClipLoss()
+
+            def f(img, txt, scale, tgt=None, kind="infonce", logit_bias=None, backend=None):
+                _only_clip(provider, kind, tgt, logit_bias)
+                return crit(img, txt, scale)
+        elif provider == "infcl":
+            import inf_cl
+
+            src = f"inf_cl {_dist_version('inf-cl')}"
+
+            def f(img, txt, scale, tgt=None, kind="infonce", logit_bias=None, backend=None):
+                _only_clip(provider, kind, tgt, logit_bias)
+                hd = _infcl_head_dim(img.shape[1])
+                return 0.5 * (inf_cl.cal_flash_loss(img, txt, scale=scale, head_dim=hd).mean()
+                              + inf_cl.cal_flash_loss(txt, img, scale=scale, head_dim=hd).mean())
+        else:
+            raise ValueError(provider)
+        RES["meta"][f"{provider}_source"] = src
+        _OTHER_FNS[provider] = f
+    return _OTHER_FNS[provider]
+
+
+def _only_clip(provider, kind, tgt, bias):
+    if kind != "infonce" or tgt is not None or bias is not None:
+        raise NotImplementedError(f"{provider} computes the hard-label CLIP loss only (infonce, identity target, "
+                                  "no bias)")
+
+
+def _dist_version(name):
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:
+        return "?"
+
+
+def _provider_unavailable(provider):
+    """None when the provider can run here, else the reason (logged and recorded as a skip)."""
+    try:
+        if provider == "openclip":
+            _load_clip_loss()
+        else:
+            import inf_cl  # noqa: F401
+    except Exception as e:
+        return (f"not importable ({type(e).__name__}: {str(e)[:120]}); offline install: see the docstring "
+                "(bench/wheels from bench/fetch_wheels.sh)")
+    if provider == "infcl" and DEV != "cuda":
+        return ("CUDA only: its _flash_prob_forward/backward assert q.is_cuda and the backward kernels use PTX "
+                "inline asm (cvt.rna.tf32.f32), which the Triton CPU interpreter cannot run")
+    return None
+
+
+def compare_provider(provider, N, d, dtype):
+    """Loss value and gradients of `provider` vs ours (triton) on the same inputs (the timing rows' inputs):
+    relative errors |Δloss|/|loss_ours| and max|Δ∂x|/max|∂x_ours| for x = U, V, logit_scale."""
+    import lors_fast
+
+    N, d = _sz(N, 64), _sz(d, 32)
+    img, txt, scale, tgt, bias, leaves = _problem(N, d, dtype, "infonce", False)
+    ours = lors_fast.contrastive_loss(img, txt, scale, None, kind="infonce", backend="triton")
+    g_ours = torch.autograd.grad(ours, leaves)
+    theirs = _other_loss_fn(provider)(img, txt, scale, None, kind="infonce", logit_bias=None)
+    g_theirs = torch.autograd.grad(theirs, leaves)
+    lo, lt = float(ours.detach().double()), float(theirs.detach().double())
+    rec = dict(provider=provider, N=N, d=d, dtype=str(dtype).replace("torch.", ""),
+               loss_dtype=str(theirs.dtype).replace("torch.", ""), loss_ours=lo, loss_theirs=lt,
+               rel_err_value=abs(lt - lo) / max(abs(lo), 1e-30),
+               rel_err_grad={nm: _relerr(b, a) for nm, a, b in zip(("U", "V", "scale"), g_ours, g_theirs)})
+    RES["providers"].append(rec)
+    log(f"{provider:8s} vs ours N={N} d={d} {rec['dtype']}: loss {lt:.6f} vs {lo:.6f} "
+        f"rel err {rec['rel_err_value']:.2e}; grads rel err " +
+        " ".join(f"{k}:{v:.2e}" for k, v in rec["rel_err_grad"].items()))
+    return rec
+
+
+def _timed(provider, N, d, dtype):
+    N, d = _sz(N, 64), _sz(d, 32)
+    dt = str(dtype).replace("torch.", "")
+    return next((r for r in RES["timing"] if r["provider"] == provider and r["kind"] == "infonce" and
+                 r["target"] == "identity" and r["N"] == N and r["d"] == d and r["dtype"] == dt), None)
+
+
+def sec_providers(until):
+    """Inf-CL and open_clip against ours at the target size: loss/grad agreement, then fwd+bwd timing rows."""
+    N, d = 32768, 512
+    for provider in _OTHER_PROVIDERS:
+        RES["meta"][f"{provider}_version"] = _dist_version("inf-cl" if provider == "infcl" else "open_clip_torch")
+    if _timed("triton", N, d, torch.bfloat16) is None:  # e.g. the targets section was not selected
+        _try("triton", "infonce", False, N, d, torch.bfloat16, until)
+    for provider in ("openclip", "infcl"):  # the cheap one first
+        why = _provider_unavailable(provider)
+        if why is None and provider == "openclip" and not _fits_materialised(N, torch.bfloat16):
+            why = "materialised N×N logits would not fit"
+        if why is not None:
+            log(f"SKIP {provider}: {why}")
+            RES["errors"].append({"section": f"providers {provider}", "error": f"skipped: {why}"})
+            continue
+        dtypes = [torch.bfloat16] + ([torch.float32] if provider == "infcl" else [])
+        for dtype in dtypes:  # fp32 only as Inf-CL's fallback when bf16 inputs fail
+            if el() > until:
+                log(f"providers: budget reached before {provider} {dtype}")
+                RES["errors"].append({"section": f"providers {provider}", "error": "skipped: no time left"})
+                break
+            try:
+                compare_provider(provider, N, d, dtype)
+            except torch.cuda.OutOfMemoryError as e:
+                log(f"OOM {provider} compare: {str(e)[:120]}")
+                RES["errors"].append({"section": f"providers {provider} compare", "error": "OOM"})
+                break
+            except Exception as e:
+                log(f"ERROR {provider} {dtype} compare: {type(e).__name__}: {str(e)[:300]}")
+                RES["errors"].append({"section": f"providers {provider} {dtype} compare",
+                                      "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]})
+                continue  # bf16 failed: try the next dtype
+            finally:
+                if not DRY:
+                    torch.cuda.empty_cache()
+            _try(provider, "infonce", False, N, d, dtype, until)
+            break
+        RES["meta"][f"{provider}_dtypes_run"] = sorted({r["dtype"] for r in RES["providers"]
+                                                         if r["provider"] == provider})
+    for provider in _OTHER_PROVIDERS:
+        for r in RES["timing"]:
+            if r["provider"] != provider:
+                continue
+            ours = _timed("triton", r["N"], r["d"], torch.bfloat16 if r["dtype"] == "bfloat16" else torch.float32)
+            if ours is None:
+                ours = _timed("triton", r["N"], r["d"], torch.bfloat16)
+            if ours is not None:
+                r["ours_ms"], r["ours_peak_mib"], r["ours_dtype"] = ours["ms"], ours["peak_mib"], ours["dtype"]
+                r["ratio_ours_over_theirs"] = ours["ms"] / r["ms"]
+                log(f"ratio ours({ours['dtype']})/{provider}({r['dtype']}) (time, N={r['N']} d={r['d']}): "
+                    f"{ours['ms']:.3f} / {r['ms']:.3f} ms = {ours['ms'] / r['ms']:.3f} "
+                    f"(ours {r['ms'] / ours['ms']:.2f}x as fast); peak MiB {ours['peak_mib']:.1f} vs "
+                    f"{r['peak_mib']:.1f}")
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -615,6 +830,27 @@ def write_report():
                          f"{r['ms']:.3f} | {r['p20']:.3f} | {r['p80']:.3f} | {r['tflops']:.1f} | {pct} | "
                          f"{r['peak_mib']:.1f} |")
         lines.append("")
+    if RES["providers"] or any(r["provider"] in _OTHER_PROVIDERS for r in RES["timing"]):
+        lines += ["## Other providers: symmetric hard-label CLIP loss (infonce, identity target), fwd+bwd", "",
+                  "| provider | N | d | input dtype | loss | ours (triton) | rel err loss | rel err ∂U, ∂V, ∂s | "
+                  "ms | ours ms | ours/theirs (time) | peak MiB | ours peak MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for c in RES["providers"]:
+            t = next((r for r in RES["timing"] if r["provider"] == c["provider"] and r["N"] == c["N"] and
+                      r["d"] == c["d"] and r["dtype"] == c["dtype"]), {})
+            ge = ", ".join(f"{v:.1e}" for v in c["rel_err_grad"].values())
+
+            def fm(k, f="{:.3f}", t=t):
+                return f.format(t[k]) if k in t else "-"
+            lines.append(f"| {c['provider']} | {c['N']} | {c['d']} | {c['dtype']} | {c['loss_theirs']:.6f} | "
+                         f"{c['loss_ours']:.6f} | {c['rel_err_value']:.1e} | {ge} | {fm('ms')} | {fm('ours_ms')} | "
+                         f"{fm('ratio_ours_over_theirs')} | {fm('peak_mib', '{:.1f}')} | "
+                         f"{fm('ours_peak_mib', '{:.1f}')} |")
+        lines.append("")
+        lines += [f"- {k}: {v}" for k, v in OTHER_NOTES.items()]
+        lines += [f"- {k}: {m[k]}" for k in ("openclip_source", "infcl_source", "infcl_dtypes_run") if k in m]
+        lines += ["- ours/theirs (time) < 1: ours is faster; the rows are also in the timing table (provider column).",
+                  ""]
     if RES["errors"]:
         lines += ["## Errors / skipped", ""] + [f"- {e['section']}: {e['error'][:300]}" for e in RES["errors"]]
     with open(os.path.join(OUT, "gpu_results.md"), "w") as f:
@@ -640,8 +876,10 @@ def main():
         run_section("postcheck (sweep's configs)", sec_postcheck, 140)
         run_section("targets", sec_targets, 182)
         run_section("compile", sec_compile, 212)
+        # a ~20 s slice for Inf-CL / open_clip before the grid (which fills what is left), kept even when the
+        # compile section overran its end
+        run_section("providers", sec_providers, min(max(232.0, el() + 20), BUDGET - 30))
         run_section("grid", sec_grid, BUDGET - 15)
-        run_section("others", sec_others, BUDGET)
     finally:
         write_report()
         log("done")

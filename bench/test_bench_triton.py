@@ -5,13 +5,17 @@
 Each case times forward+backward (``torch.autograd.grad`` w.r.t. every input) with ``triton.testing.do_bench``
 inside ``benchmark.pedantic`` (one round = one do_bench median), and records median/p20/p80 ms, TFLOP/s by
 the FLOP model 8·N²·(d+r) (KERNELS.md) and peak memory in ``benchmark.extra_info``. Providers: triton,
-reference (eager, materialised), compile (torch.compile of the reference). The one-shot script with the
-correctness sweep is bench/gpu_check.py.
+reference (eager, materialised), compile (torch.compile of the reference), and, for the symmetric hard-label
+CLIP loss only (kind infonce, identity target), infcl (Inf-CL, ``inf_cl.cal_flash_loss`` both ways, averaged)
+and openclip (``open_clip.loss.ClipLoss``, materialised), each skipped when not importable. The one-shot
+script with the correctness sweep is bench/gpu_check.py (its docstring: offline install of the two packages).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 
 import pytest
 import torch
@@ -24,7 +28,8 @@ SIZES = [4096, 16384, 32768, 65536]
 DIMS = [512, 768]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 KINDS = [("infonce", False), ("infonce", True), ("wbce", True), ("siglip", False)]
-PROVIDERS = ["triton", "reference", "compile"]
+PROVIDERS = ["triton", "reference", "compile", "infcl", "openclip"]
+OTHERS = ("infcl", "openclip")  # outside implementations of the hard-label CLIP loss (infonce, identity) only
 _COMPILED = {}
 
 
@@ -48,10 +53,51 @@ def _inputs(N, d, dtype, kind, lowrank, r=10):
     return img, txt, scale, tgt, bias, leaves
 
 
+def _clip_loss_cls():
+    """open_clip's ClipLoss; open_clip/loss.py is loaded alone when `import open_clip` fails (its __init__ needs
+    torchvision and timm, the loss only torch)."""
+    try:
+        from open_clip.loss import ClipLoss
+
+        return ClipLoss
+    except Exception:
+        spec = importlib.util.find_spec("open_clip")  # does not run the package's __init__
+        if spec is None or not spec.submodule_search_locations:
+            raise
+        path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
+        mspec = importlib.util.spec_from_file_location("_open_clip_loss_only", path)
+        mod = importlib.util.module_from_spec(mspec)
+        mspec.loader.exec_module(mod)
+        return mod.ClipLoss
+
+
+def _other_loss_fn(provider):
+    """Same quantity as ours with kind="infonce" and the identity target: ½[mean row CE + mean column CE] of
+    Z = s·U·Vᵀ. open_clip's ClipLoss computes exactly that (two N×N logit matrices). Inf-CL's single-GPU entry
+    ``inf_cl.cal_flash_loss(q, k, scale=s, head_dim=h)`` gives one direction's unreduced per-row loss
+    (LSE_j(s·q_i·k_j) − s·q_i·k_i; q, k cast to fp32 inside, TF32 dots), so it is called both ways and the means
+    averaged. (cal_inf_loss wraps the scale in a GradientGather whose backward needs torch.distributed.)"""
+    if provider == "openclip":
+        try:
+            crit = _clip_loss_cls()()
+        except Exception as e:
+            pytest.skip(f"open_clip not importable: {type(e).__name__}: {e}")
+        return lambda U, V, s, t, kind, logit_bias: crit(U, V, s)
+    inf_cl = pytest.importorskip("inf_cl")
+
+    def f(U, V, s, t, kind, logit_bias):
+        hd = next(h for h in (256, 128, 64, 32, 16) if U.shape[1] % h == 0)
+        return 0.5 * (inf_cl.cal_flash_loss(U, V, scale=s, head_dim=hd).mean()
+                      + inf_cl.cal_flash_loss(V, U, scale=s, head_dim=hd).mean())
+    return f
+
+
 def _loss_fn(provider, kind, lowrank):
     import lors_fast
     from lors_fast.reference import reference_loss
 
+    if provider in OTHERS:
+        return _other_loss_fn(provider)
     if provider == "triton":
         return lambda *a, **k: lors_fast.contrastive_loss(*a, **k, backend="triton")
     if provider == "reference":
@@ -66,7 +112,7 @@ def _loss_fn(provider, kind, lowrank):
 
 def _fits(provider, N, dtype):
     """Materialised providers keep several N×N matrices: skip what would not fit in ~100 GiB."""
-    if provider == "triton":
+    if provider in ("triton", "infcl"):
         return True
     return 8 * N * N * (2 if dtype == torch.bfloat16 else 4) < 100 * 2**30
 
@@ -80,6 +126,8 @@ def test_fwd_bwd(benchmark, N, d, dtype, kind, lowrank, provider):
     import triton.testing as tt
 
     dt = DTYPES[dtype]
+    if provider in OTHERS and (kind, lowrank) != ("infonce", False):
+        pytest.skip(f"{provider}: hard-label CLIP loss only (infonce, identity target)")
     if not _fits(provider, N, dt):
         pytest.skip("materialised N×N would not fit")
     torch.backends.cuda.matmul.allow_tf32 = dt == torch.float32
