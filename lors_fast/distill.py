@@ -196,6 +196,10 @@ class Distiller:
         self.sim = _similarity_from(cfg.similarity, n, cfg.rank, cfg.alpha, self.dtype, generator=g)
         if self.sim is not None:
             self.sim.to(self.device)
+            if cfg.sim_constraint == "nonneg":  # start inside the feasible set: L ~ |N(0, 1)| (R = 0, a = 1)
+                with torch.no_grad():
+                    for p in self.sim.parameters():
+                        p.abs_()
         self.slicer = SimSlicer(self.sim)
         self.lr_img = nn.Parameter(torch.tensor(cfg.init_lr_img, dtype=self.dtype, device=self.device))
         self.lr_txt = nn.Parameter(torch.tensor(cfg.init_lr_txt, dtype=self.dtype, device=self.device))
@@ -280,6 +284,7 @@ class Distiller:
             raise DistillDivergedError(f"iteration {it + 1}: non-finite loss {res.loss}; {self._last_good()}")
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        self._project_sim()
         if cfg.clamp_lr is not None:
             with torch.no_grad():
                 self.lr_img.clamp_(min=cfg.clamp_lr)
@@ -287,6 +292,16 @@ class Distiller:
         self.iteration = it + 1
         metrics.update(lr_img=float(self.lr_img.detach()), lr_txt=float(self.lr_txt.detach()), time_s=time.perf_counter() - t0)
         return metrics
+
+    def _project_sim(self) -> None:
+        """``sim_constraint="nonneg"``: project every similarity factor onto >= 0, so that S = diag(a) +
+        (α/r)·L·Rᵀ is entrywise non-negative (a soft target: the soft-InfoNCE student loss stays bounded
+        below, which it is not for any S_ij < 0)."""
+        if self.sim is None or self.cfg.sim_constraint == "none":
+            return
+        with torch.no_grad():
+            for p in self.sim.parameters():
+                p.clamp_(min=0)
 
     def _last_good(self) -> str:
         p = self.out / "checkpoints" / "last.safetensors"
@@ -296,7 +311,7 @@ class Distiller:
     def info(self) -> dict:
         cfg = self.cfg
         return {"schema": SCHEMA, "iteration": self.iteration, "similarity": cfg.similarity, "rank": cfg.rank,
-                "alpha": cfg.alpha, "loss": cfg.loss, "temperature": cfg.temperature, "spec": self.spec.to_dict(),
+                "alpha": cfg.alpha, "sim_constraint": cfg.sim_constraint, "loss": cfg.loss, "temperature": cfg.temperature, "spec": self.spec.to_dict(),
                 "dataset": self.ds.name, "dataset_fingerprint": self.ds.fingerprint,
                 "text_encoder": self.text_encoder, "method": cfg.method, "n_pairs": cfg.n_pairs,
                 "config": cfg.to_dict()}

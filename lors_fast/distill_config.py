@@ -10,8 +10,10 @@ scripts); ``default`` is the embedded CPU default (synthetic dataset). Its recip
 where CALIBRATION.md found the paper's recipe to fail on this data: the student loss is soft-target
 InfoNCE (the experts' loss family) with the learned S as target, initial student lrs 0.03, pixel lr 100,
 text lr 0.5 (unit-norm 384-d MiniLM embeddings), lr_lr 1e-3, lr_sim 0.3, the student lrs clamped at
-≥ 1e-4 (a negative lr is meaningless) and per-group gradient-norm clipping (``clip_grad``, which is *not*
-part of the reference method).
+≥ 1e-4 (a negative lr is meaningless), per-group gradient-norm clipping (``clip_grad``) and S kept
+entrywise non-negative (``sim_constraint="nonneg"``: a, L, R projected onto ≥ 0 after each step, so S stays
+a soft target and the soft-InfoNCE student loss stays bounded below) — the last two are *not* part of the
+reference method.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ __all__ = ["DistillConfig", "PRESETS", "METHODS", "SIMILARITIES", "INITS", "CLIP
 
 METHODS = ("tesla", "mtt")
 SIMILARITIES = ("lowrank", "full", "none")
+SIM_CONSTRAINTS = ("none", "nonneg")
 INITS = ("real", "noise")
 CLIP_GROUPS = ("images", "texts", "lrs", "sim")
 LOSS_KINDS = ("infonce", "bce", "wbce", "cwcl", "kl", "mse", "siglip")
@@ -79,6 +82,7 @@ class DistillConfig:
     lr_txt: float = 0.5  # lr of the synthetic text embeddings
     lr_lr: float = 1e-3
     lr_sim: float = 0.3
+    sim_constraint: str = "none"  # none (reference) | nonneg: a, L, R projected onto >= 0 after each step
     momentum_syn: float = 0.5
     momentum_lr: float = 0.5
     momentum_sim: float = 0.5
@@ -172,6 +176,8 @@ class DistillConfig:
             if isinstance(v, (int, float)) and v >= 1:
                 e.append(f"{name} must be < 1, got {v!r}")
         real("clamp_lr", 0.0, strict=False, allow_none=True)
+        if self.sim_constraint not in SIM_CONSTRAINTS:
+            e.append(f"sim_constraint must be one of {SIM_CONSTRAINTS}, got {self.sim_constraint!r}")
         for k, v in self.clip_grad.items():
             if k not in CLIP_GROUPS:
                 e.append(f"clip_grad: unknown group {k!r}; expected some of {CLIP_GROUPS}")
@@ -218,7 +224,7 @@ PRESETS["default"] = dict(
     dataset="synthetic", n_pairs=100, syn_steps=8, expert_epochs=1, max_start_epoch=2,
     mini_batch=30, iterations=300, similarity="lowrank", rank=10, alpha=1.0, loss="infonce", temperature=0.07,
     init_lr_img=0.03, init_lr_txt=0.03, lr_img=100.0, lr_txt=0.5, lr_lr=1e-3, lr_sim=0.3, clamp_lr=1e-4,
-    clip_grad={"images": 0.1, "texts": 1.0, "sim": 1.0, "lrs": 10.0},
+    clip_grad={"images": 0.1, "texts": 1.0, "sim": 1.0, "lrs": 10.0}, sim_constraint="nonneg",
 )
 
 

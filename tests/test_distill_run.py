@@ -254,3 +254,24 @@ def test_expert_cache_disk_equals_memory(tmp_path):
     sa, sb = _state(a.checkpoint), _state(b.checkpoint)
     for k in sa:
         assert torch.equal(sa[k], sb[k]), f"{k} differs between expert_cache memory and disk"
+
+
+@pytest.mark.parametrize("similarity", ["lowrank", "full"])
+def test_nonneg_similarity_constraint(tmp_path, similarity):
+    """sim_constraint="nonneg" keeps every factor (hence S) entrywise >= 0 while S still learns; the
+    unconstrained run of the same seed goes negative (so the projection is what keeps it there)."""
+    ds, emb, store = make_fixture(tmp_path)
+    dense = {}
+    for constraint in ("none", "nonneg"):
+        cfg = tiny_cfg(tmp_path, store, out=str(tmp_path / constraint), similarity=similarity, lr_sim=30.0,
+                       sim_constraint=constraint, iterations=3)
+        res = run(cfg, dataset=ds, caption_emb=emb)
+        sim = load_distilled(res.checkpoint).similarity
+        dense[constraint] = sim.dense().detach()
+        if constraint == "nonneg":
+            assert all(bool((p >= 0).all()) for p in sim.parameters()), "a factor went negative"
+    assert float(dense["none"].min()) < 0, "the unconstrained S never went negative: the test shows nothing"
+    assert float(dense["nonneg"].min()) >= 0
+    assert not torch.allclose(dense["nonneg"], torch.eye(12)), "S never moved"
+    with pytest.raises(ValueError, match=r"sim_constraint must be one of \('none', 'nonneg'\), got 'relu'"):
+        DistillConfig(buffer="x", sim_constraint="relu")
