@@ -21,13 +21,14 @@ from lors_fast.distill_config import (
     LOSS_KINDS,
     METHODS,
     PRESETS,
+    SIM_CONSTRAINTS,
     SIMILARITIES,
     DistillConfig,
 )
 
 _CHOICES = {"dataset": DATASETS, "pix_init": INITS, "txt_init": INITS, "method": METHODS,
             "similarity": SIMILARITIES, "loss": LOSS_KINDS, "loss_backend": LOSS_BACKENDS,
-            "checkpoint": CHECKPOINTS, "dtype": DTYPES, "expert_cache": ("auto", "memory", "disk")}
+            "checkpoint": CHECKPOINTS, "dtype": DTYPES, "sim_constraint": SIM_CONSTRAINTS, "expert_cache": ("auto", "memory", "disk")}
 _HELP = {
     "buffer": "trajectory store folder (from `lors-fast buffer`)",
     "out": "run folder (checkpoints, metrics.jsonl, PNGs, nearest captions)",
@@ -43,6 +44,8 @@ _HELP = {
     "lr_txt": "SGD lr of the synthetic text embeddings",
     "lr_lr": "SGD lr of the learnable student lrs",
     "lr_sim": "SGD lr of the similarity factors",
+    "sim_constraint": "none (reference): S unconstrained; nonneg: a, L, R projected onto >= 0 after each step, so "
+                      "S is a non-negative soft target (the default preset's choice)",
     "clamp_lr": "lower bound of the student lrs after each step",
     "checkpoint": "activation checkpointing of the student forward",
     "chunk": "TESLA pass 2: run the image branch in micro-batches of this size (activation memory O(chunk), "
@@ -120,13 +123,14 @@ def _main_job(given: dict, eval_runs: int, eval_epochs, baseline: bool, random_s
 @click.option("--eval-runs", type=click.IntRange(1), default=3, show_default=True,
               help="main job only: evaluation seeds per set")
 @click.option("--eval-epochs", type=click.IntRange(1), default=None,
-              help="main job only: training epochs of each evaluation network [default: 100]")
+              help="main job only: training epochs of each evaluation network [default: 80]")
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="main job only: also distill the no-mining (S = I) trajectory-matching baseline")
 @click.option("--random-subset/--no-random-subset", default=True, show_default=True,
               help="main job only: also evaluate a random real subset of the same size")
 @click.option("--parallel/--serial", default=True, show_default=True,
-              help="main job only: distill LoRS and the baseline in two processes")
+              help="main job only: two worker processes (one thread each) share the distillations and the "
+                   "evaluation seeds")
 @_options
 def distill(preset, config_file, eval_runs, eval_epochs, baseline, random_subset, parallel, **opts):
     """Distill a synthetic image-text set by trajectory matching with low-rank similarity mining.

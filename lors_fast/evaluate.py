@@ -186,6 +186,11 @@ def _batch_target(target, idx: torch.Tensor):
     return target[idx][:, idx]
 
 
+def _nhwc(x: torch.Tensor) -> torch.Tensor:
+    """Images in channels-last memory (same values): with NHWC conv weights, oneDNN's fast path."""
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 @torch.inference_mode()
 def _retrieval(img_enc: nn.Module, txt_head: nn.Module, split: RetrievalSet, spec: StudentSpec,
                cfg: EvalConfig) -> dict:
@@ -198,7 +203,7 @@ def _retrieval(img_enc: nn.Module, txt_head: nn.Module, split: RetrievalSet, spe
         feats = []
         for i0 in range(0, split.images.shape[0], cfg.eval_batch_size):
             x = split.batch(i0, i0 + cfg.eval_batch_size, dev, spec.image_size)
-            feats.append(F.normalize(img_enc(x).float(), dim=-1))
+            feats.append(F.normalize(img_enc(_nhwc(x)).float(), dim=-1))
         f = torch.cat(feats)
         h = F.normalize(txt_head(split.texts.to(dev).float()).float(), dim=-1)
         if not (torch.isfinite(f).all() and torch.isfinite(h).all()):  # a diverged network retrieves nothing
@@ -255,7 +260,7 @@ def train_on_synset(spec: StudentSpec, images: torch.Tensor, texts: torch.Tensor
     y_all = texts.detach().float().to(dev)
     tgt = _detach_target(target, n, dev)
     img_enc, txt_head = build_student(spec, seed=seed)
-    img_enc.to(dev)
+    img_enc.to(dev, memory_format=torch.channels_last)  # conv weights NHWC (1.2-1.4x on CPU; values unchanged)
     txt_head.to(dev)
     opt = torch.optim.SGD(
         [{"params": list(img_enc.parameters()), "lr": float(lr_img)},
@@ -274,7 +279,7 @@ def train_on_synset(spec: StudentSpec, images: torch.Tensor, texts: torch.Tensor
             losses = []
             for idx in epoch_batches(n, cfg.batch_size, gen):  # without replacement
                 idx_d = idx.to(dev)
-                f = F.normalize(img_enc(x_all[idx_d]), dim=-1)
+                f = F.normalize(img_enc(_nhwc(x_all[idx_d])), dim=-1)
                 h = F.normalize(txt_head(y_all[idx_d]), dim=-1)
                 loss = contrastive_loss(f, h, scale, _batch_target(tgt, idx_d), kind=cfg.loss)
                 opt.zero_grad(set_to_none=True)

@@ -34,7 +34,7 @@ class MainJobConfig:
     rank: int = 10
     alpha: float | None = None  # None: the "default" distill preset's
     n_pairs: int = 100
-    iterations: int | None = 150  # distillation iterations per run (None: the "default" preset's 300)
+    iterations: int | None = 100  # distillation iterations per run (None: the "default" preset's 300)
     eval_runs: int = 3
     eval_epochs: int | None = None  # None: EVAL_DEFAULTS
     seed: int = 0
@@ -67,7 +67,7 @@ class MainJobConfig:
 
 
 #: the evaluation protocol of the main job (EvalConfig overrides); see lors_fast.evaluate
-EVAL_DEFAULTS = dict(epochs=100, batch_size=128, eval_every=10, loss="infonce", runs=3)
+EVAL_DEFAULTS = dict(epochs=80, batch_size=128, eval_every=10, loss="infonce", runs=3)
 #: fixed lr of the random-subset baseline (CALIBRATION.md: insensitive in 0.01-0.1 on this data)
 RANDOM_LR = 0.03
 
@@ -128,32 +128,6 @@ def _distill_one(dcfg):
     return str(res.checkpoint), time.perf_counter() - t0
 
 
-def _distill_all(cfg: MainJobConfig, buffer: str, say) -> dict:
-    runs = {"lors": "lowrank"}
-    if cfg.baseline:
-        runs["tm"] = "none"
-    parallel = cfg.parallel and len(runs) > 1 and (os.cpu_count() or 1) >= 2
-    threads = 1 if parallel else None
-    cfgs = {name: _distill_cfg(cfg, buffer, name, sim, threads) for name, sim in runs.items()}
-    out = {}
-    if parallel:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        say(f"[distill] {', '.join(cfgs)} in parallel ({cfgs['lors'].iterations} iterations each)...")
-        with ProcessPoolExecutor(len(cfgs), mp_context=mp.get_context("spawn")) as ex:
-            futs = {name: ex.submit(_distill_one, c) for name, c in cfgs.items()}
-            for name, f in futs.items():
-                out[name] = f.result()
-    else:
-        for name, c in cfgs.items():
-            say(f"[distill] {name} ({c.iterations} iterations)...")
-            out[name] = _distill_one(c)
-    for name, (path, sec) in out.items():
-        say(f"[distill] {name}: {path} ({sec:.0f} s)")
-    return out
-
-
 def _eval_cfg(cfg: MainJobConfig):
     from .evaluate import EvalConfig
 
@@ -164,41 +138,164 @@ def _eval_cfg(cfg: MainJobConfig):
     return EvalConfig(**kw)
 
 
-def _evaluate_all(cfg: MainJobConfig, buffer: str, distilled: dict, say) -> dict:
-    from .coreset import random_pairs
-    from .data import load_split
-    from .distill import load_distilled
-    from .evaluate import evaluate_real_subset, evaluate_synset, load_retrieval_set
-    from .models import StudentSpec
-    from .text import caption_embeddings
-    from .trajectories import TrajectoryStore
+_EVAL_CONTEXT: dict = {}  # per process: (cache_dir, buffer) -> (spec, val, test, encoder, n_train)
 
-    store = TrajectoryStore(buffer)
-    spec = StudentSpec.from_dict(store.meta["spec"])
-    encoder = store.meta.get("encoder", "minilm")
+
+def _eval_context(cache_dir, buffer: str):
+    key = (cache_dir, buffer)
+    if key not in _EVAL_CONTEXT:
+        from .evaluate import load_retrieval_set
+        from .models import StudentSpec
+        from .trajectories import TrajectoryStore
+
+        store = TrajectoryStore(buffer)
+        enc = store.meta.get("encoder", "minilm")
+        _EVAL_CONTEXT[key] = (StudentSpec.from_dict(store.meta["spec"]),
+                              load_retrieval_set("synthetic", "val", text_encoder=enc, cache_dir=cache_dir),
+                              load_retrieval_set("synthetic", "test", text_encoder=enc, cache_dir=cache_dir),
+                              enc, store.meta.get("n_train"))
+    return _EVAL_CONTEXT[key]
+
+
+def _eval_one(cfg: MainJobConfig, buffer: str, ckpt: str | None, k: int, threads: int | None):
+    """Evaluation run ``k`` (seed ``eval seed + k``) of one set: a distilled checkpoint, or the random real
+    subset when ``ckpt`` is None. The same network, data order and numbers as run k of
+    :func:`lors_fast.evaluate.evaluate_synset`; returns (run dict, lr_img, lr_txt, seconds)."""
+    import torch
+
+    from .evaluate import train_on_synset
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    spec, val, test, encoder, n_train = _eval_context(cfg.cache_dir, buffer)
     ecfg = _eval_cfg(cfg)
-    val = load_retrieval_set("synthetic", "val", text_encoder=encoder, cache_dir=cfg.cache_dir)
-    test = load_retrieval_set("synthetic", "test", text_encoder=encoder, cache_dir=cfg.cache_dir)
-    results = {}
-    for name, (path, _) in distilled.items():
-        t0 = time.perf_counter()
-        ds = load_distilled(path)
-        res = evaluate_synset(spec, ds.images, ds.texts, ds.target(), ds.lr_img, ds.lr_txt, ecfg, val=val,
-                              test=test)
-        res["seconds"] = time.perf_counter() - t0
-        results[name] = res
-        say(f"[eval] {name}: {_short(res)} ({res['seconds']:.0f} s)")
-    if cfg.random_subset:
-        t0 = time.perf_counter()
-        train = load_split("synthetic", "train", cache_dir=cfg.cache_dir, n_images=store.meta.get("n_train"))
+    if ckpt is None:
+        from .coreset import random_pairs
+        from .data import load_split
+        from .text import caption_embeddings
+
+        train = load_split("synthetic", "train", cache_dir=cfg.cache_dir, n_images=n_train)
         emb = caption_embeddings(train, encoder, cache_dir=cfg.cache_dir)
         img_idx, cap_idx = random_pairs(cfg.n_pairs, train.img2txt, seed=cfg.seed)
-        res = evaluate_real_subset(spec, train.normalized(img_idx), emb[cap_idx], RANDOM_LR, ecfg, val=val,
-                                   test=test)
-        res["seconds"] = time.perf_counter() - t0
-        results["random"] = res
-        say(f"[eval] random: {_short(res)} ({res['seconds']:.0f} s)")
-    return results
+        images, texts, target, lr_img, lr_txt = train.normalized(img_idx), emb[cap_idx], None, RANDOM_LR, RANDOM_LR
+    else:
+        from .distill import load_distilled
+
+        ds = load_distilled(ckpt)
+        images, texts, target, lr_img, lr_txt = ds.images, ds.texts, ds.target(), ds.lr_img, ds.lr_txt
+    lr_img = ecfg.lr_img if ecfg.lr_img is not None else lr_img
+    lr_txt = ecfg.lr_txt if ecfg.lr_txt is not None else lr_txt
+    run = train_on_synset(spec, images, texts, target, lr_img, lr_txt, ecfg, seed=ecfg.seed + k, val=val,
+                          test=test)
+    return run, float(lr_img), float(lr_txt), time.perf_counter() - t0
+
+
+class _Inline:
+    """The executor interface, run at submission in this process (the serial schedule)."""
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        f = Future()
+        f.set_result(fn(*args))
+        return f
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def shutdown(self, **kw):
+        pass
+
+
+def _distill_and_evaluate(cfg: MainJobConfig, buffer: str, say) -> tuple[dict, dict, float]:
+    """Distill LoRS (and the baseline) and evaluate every set, seed by seed.
+
+    Parallel schedule (two spawn workers, one thread each, on two or more cores): both distillations start at
+    once; the random subset's seeds queue behind them and each set's seeds are queued as soon as its
+    distillation ends, so no core waits for a stage boundary. A bar in this process follows the workers
+    through their metrics files. Serial schedule: the same tasks one after the other, in this process.
+    Returns (distilled: name -> (checkpoint, seconds), results: name -> evaluation dict, wall seconds)."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    from .evaluate import summarize
+
+    runs = {"lors": "lowrank"}
+    if cfg.baseline:
+        runs["tm"] = "none"
+    sets = list(runs) + (["random"] if cfg.random_subset else [])
+    parallel = cfg.parallel and (os.cpu_count() or 1) >= 2
+    threads = 1 if parallel else None
+    cfgs = {name: _distill_cfg(cfg, buffer, name, sim, threads) for name, sim in runs.items()}
+    n_tasks = sum(c.iterations for c in cfgs.values()) + len(sets) * cfg.eval_runs
+    t0 = time.perf_counter()
+    if parallel:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(2, mp_context=mp.get_context("spawn"))
+        say(f"[distill+eval] {', '.join(cfgs)} ({cfgs['lors'].iterations} iterations each), then "
+            f"{cfg.eval_runs} evaluation seeds of {', '.join(sets)}, on 2 worker processes...")
+    else:
+        pool = _Inline()
+    bar = None
+    if cfg.progress and parallel:  # (serially, the distillation shows its own bar)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_tasks, desc="distill+eval", unit="step", dynamic_ncols=True)
+    distilled, evals, done_evals = {}, {name: {} for name in sets}, 0
+    with pool as ex:
+        pending = {}
+        for name, c in cfgs.items():
+            if not parallel:
+                say(f"[distill] {name} ({c.iterations} iterations)...")
+            pending[ex.submit(_distill_one, c)] = ("distill", name, None)
+        if cfg.random_subset:
+            for k in range(cfg.eval_runs):
+                pending[ex.submit(_eval_one, cfg, buffer, None, k, threads)] = ("eval", "random", k)
+        while pending:
+            done, _ = wait(list(pending), timeout=2.0, return_when=FIRST_COMPLETED)
+            if any(f.exception() is not None for f in done):  # fail fast: drop the queue, keep the traceback
+                ex.shutdown(wait=False, cancel_futures=True)
+            for f in done:
+                what, name, k = pending.pop(f)
+                if what == "distill":
+                    distilled[name] = f.result()
+                    say(f"[distill] {name}: {distilled[name][0]} ({distilled[name][1]:.0f} s)")
+                    for j in range(cfg.eval_runs):
+                        pending[ex.submit(_eval_one, cfg, buffer, distilled[name][0], j, threads)] = \
+                            ("eval", name, j)
+                else:
+                    evals[name][k] = f.result()
+                    done_evals += 1
+                    if len(evals[name]) == cfg.eval_runs:
+                        say(f"[eval] {name}: {_short(_collect(evals[name], summarize))}")
+            if bar is not None:
+                steps = sum(_lines(Path(c.out) / "metrics.jsonl") for c in cfgs.values())
+                bar.n = min(steps, n_tasks - len(sets) * cfg.eval_runs) + done_evals
+                bar.refresh()
+    if bar is not None:
+        bar.close()
+    results = {name: _collect(evals[name], summarize) for name in sets}
+    return distilled, results, time.perf_counter() - t0
+
+
+def _collect(by_seed: dict, summarize) -> dict:
+    runs = [by_seed[k][0] for k in sorted(by_seed)]
+    first = by_seed[min(by_seed)]
+    return {"summary": summarize(runs), "runs": runs, "lr_img": first[1], "lr_txt": first[2],
+            "seconds": sum(v[3] for v in by_seed.values())}
+
+
+def _lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
 
 
 def _short(res: dict) -> str:
@@ -238,12 +335,9 @@ def run_main_job(cfg: MainJobConfig) -> dict:
     t = time.perf_counter()
     buffer, _ = _buffer(cfg, say)
     timings["buffer"] = time.perf_counter() - t
-    t = time.perf_counter()
-    distilled = _distill_all(cfg, buffer, say)
-    timings["distill"] = time.perf_counter() - t
-    t = time.perf_counter()
-    results = _evaluate_all(cfg, buffer, distilled, say)
-    timings["eval"] = time.perf_counter() - t
+    distilled, results, timings["distill+eval"] = _distill_and_evaluate(cfg, buffer, say)
+    timings["distill (cpu, per run)"] = max((v[1] for v in distilled.values()), default=0.0)
+    timings["eval (cpu, all seeds)"] = sum(r["seconds"] for r in results.values())
     timings["total"] = time.perf_counter() - t0
     table = format_table(results, cfg)
     pictures = sorted(str(p) for p in out.glob("*/*.png"))

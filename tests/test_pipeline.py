@@ -19,17 +19,27 @@ def _invoke(args):
 
 def test_main_job_smoke(tmp_path):
     """Tiny everything (64 train images, hash text encoder, 2 iterations): the whole pipeline runs, writes its
-    table, results and pictures, and reuses the buffer the second time."""
-    out, cache = tmp_path / "run", tmp_path / "cache"
+    table, results and pictures; a second run reuses the buffer, and its two-worker schedule (distillations
+    and evaluation seeds interleaved over spawn workers, one thread each) computes exactly what the serial
+    schedule did with one thread: same distilled tensors, same metrics."""
+    import torch
+    from safetensors.torch import load_file
+
+    cache = tmp_path / "cache"
     args = ["distill", "--rank", "2", "--n-pairs", "8", "--mini-batch", "4", "--iterations", "2", "--n-train", "64",
-            "--text-encoder", "hash:32", "--eval-runs", "1", "--eval-epochs", "2", "--serial", "--no-progress",
-            "--out", str(out), "--cache-dir", str(cache)]
-    first = _invoke(args)
+            "--text-encoder", "hash:32", "--eval-runs", "2", "--eval-epochs", "2", "--no-progress",
+            "--cache-dir", str(cache)]
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        first = _invoke(args + ["--serial", "--out", str(tmp_path / "serial")])
+    finally:
+        torch.set_num_threads(n)
+    out = tmp_path / "serial"
     rec = json.loads((out / "results.json").read_text())
     assert set(rec["summaries"]) == {"lors", "tm", "random"}
     for s in rec["summaries"].values():
-        r = s["final"]["r_mean"]["mean"]
-        assert 0.0 <= r <= 100.0
+        assert s["runs"] == 2 and 0.0 <= s["final"]["r_mean"]["mean"] <= 100.0
     md = (out / "results.md").read_text()
     assert "LoRS (rank 2)" in md and "random real subset" in md and "TM, no mining" in md
     assert "| set (8 pairs) |" in first
@@ -37,13 +47,19 @@ def test_main_job_smoke(tmp_path):
     assert any(p.endswith("images.png") for p in rec["pictures"])
     store = rec["buffer"]
     assert os.path.isfile(os.path.join(store, "index.json"))
-    # second run: the buffer is reused (no expert retrained), the table is produced again
+    # second run, two workers: the buffer is reused (no expert retrained), the same numbers come out
     mtimes = {f: os.path.getmtime(os.path.join(store, f)) for f in os.listdir(store) if f.startswith("expert_")}
     assert mtimes
-    _invoke(args + ["--no-baseline", "--no-random-subset"])
+    par = _invoke(args + ["--parallel", "--no-random-subset", "--out", str(tmp_path / "parallel")])
+    assert "2 worker processes" in par
     assert {f: os.path.getmtime(os.path.join(store, f)) for f in mtimes} == mtimes
-    rec2 = json.loads((out / "results.json").read_text())
-    assert set(rec2["summaries"]) == {"lors"}
+    rec2 = json.loads((tmp_path / "parallel" / "results.json").read_text())
+    assert set(rec2["summaries"]) == {"lors", "tm"}
+    for name in ("lors", "tm"):
+        assert rec2["summaries"][name] == rec["summaries"][name], name
+        a, b = ({k: v for k, v in load_file(str(tmp_path / m / name / "distilled.safetensors")).items()
+                 if not k.startswith("rng.cpu")} for m in ("serial", "parallel"))  # (the process's global RNG)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_main_job_config_errors():
@@ -76,3 +92,4 @@ def test_main_job_default_beats_random(tmp_path):
     rec = json.loads((out / "results.json").read_text())
     s = {k: v["val_selected"]["r_mean"]["mean"] for k, v in rec["summaries"].items()}
     assert s["lors"] >= s["random"] + 5.0, s
+    assert s["lors"] >= s["tm"], s  # issue 7's target; measured 21.39 vs 21.13 (a margin inside the seeds' std)
