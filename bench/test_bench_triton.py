@@ -13,9 +13,7 @@ script with the correctness sweep is bench/gpu_check.py (its docstring: offline 
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 
 import pytest
 import torch
@@ -54,21 +52,10 @@ def _inputs(N, d, dtype, kind, lowrank, r=10):
 
 
 def _clip_loss_cls():
-    """open_clip's ClipLoss; open_clip/loss.py is loaded alone when `import open_clip` fails (its __init__ needs
-    torchvision and timm, the loss only torch)."""
-    try:
-        from open_clip.loss import ClipLoss
+    """open_clip's ClipLoss (bench/_providers.py: loss.py loaded alone when `import open_clip` fails)."""
+    from _providers import load_clip_loss  # bench/ is on sys.path (pytest's rootdir-relative import)
 
-        return ClipLoss
-    except Exception:
-        spec = importlib.util.find_spec("open_clip")  # does not run the package's __init__
-        if spec is None or not spec.submodule_search_locations:
-            raise
-        path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
-        mspec = importlib.util.spec_from_file_location("_open_clip_loss_only", path)
-        mod = importlib.util.module_from_spec(mspec)
-        mspec.loader.exec_module(mod)
-        return mod.ClipLoss
+    return load_clip_loss()[0]
 
 
 def _other_loss_fn(provider):
