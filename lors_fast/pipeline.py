@@ -259,7 +259,7 @@ def _distill_and_evaluate(cfg: MainJobConfig, buffer: str, say) -> tuple[dict, d
         while pending:
             done, _ = wait(list(pending), timeout=2.0, return_when=FIRST_COMPLETED)
             if any(f.exception() is not None for f in done):  # fail fast: drop the queue, keep the traceback
-                ex.shutdown(wait=False, cancel_futures=True)
+                _stop(ex)
             for f in done:
                 what, name, k = pending.pop(f)
                 if what == "distill":
@@ -281,6 +281,14 @@ def _distill_and_evaluate(cfg: MainJobConfig, buffer: str, say) -> tuple[dict, d
         bar.close()
     results = {name: _collect(evals[name], summarize) for name in sets}
     return distilled, results, time.perf_counter() - t0
+
+
+def _stop(ex) -> None:
+    """Cancel the queue and stop the workers now (a running distillation would otherwise be waited for; its
+    atomic checkpoint stays resumable)."""
+    ex.shutdown(wait=False, cancel_futures=True)
+    for p in list((getattr(ex, "_processes", None) or {}).values()):
+        p.terminate()
 
 
 def _collect(by_seed: dict, summarize) -> dict:

@@ -93,3 +93,20 @@ def test_main_job_default_beats_random(tmp_path):
     s = {k: v["val_selected"]["r_mean"]["mean"] for k, v in rec["summaries"].items()}
     assert s["lors"] >= s["random"] + 5.0, s
     assert s["lors"] >= s["tm"], s  # issue 7's target; measured 21.39 vs 21.13 (a margin inside the seeds' std)
+
+
+def test_worker_error_stops_the_parallel_schedule(tmp_path):
+    """An error inside a worker (here: a distillation whose text encoder does not match the buffer's, found
+    only when the worker opens the store) surfaces in the main process as the worker's exception (the queue is
+    cancelled and the workers stopped), instead of hanging or being swallowed."""
+    import time
+
+    from lors_fast.pipeline import run_main_job
+
+    cfg = MainJobConfig(out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), rank=2, n_pairs=8,
+                        iterations=2, eval_runs=1, eval_epochs=2, n_train=64, text_encoder="hash:32",
+                        parallel=True, progress=False, distill={"mini_batch": 4, "text_encoder": "hash:16"})
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="hash:16"):
+        run_main_job(cfg)
+    assert time.perf_counter() - t0 < 120, "the schedule hung after a worker error"
