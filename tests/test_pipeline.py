@@ -92,7 +92,9 @@ def test_main_job_default_beats_random(tmp_path):
     rec = json.loads((out / "results.json").read_text())
     s = {k: v["val_selected"]["r_mean"]["mean"] for k, v in rec["summaries"].items()}
     assert s["lors"] >= s["random"] + 5.0, s
-    assert s["lors"] >= s["tm"], s  # issue 7's target; measured 21.39 vs 21.13 (a margin inside the seeds' std)
+    # issue 7 target, a regression guard of the default seed only: measured 21.39 vs 21.13 (inside the std;
+    # with --seed 1 it is 19.45 vs 19.53, a tie)
+    assert s["lors"] >= s["tm"], s
 
 
 def test_worker_error_stops_the_parallel_schedule(tmp_path):
