@@ -193,6 +193,20 @@ class _Ctx:
     def dummy(self):
         return torch.zeros(2, dtype=self.acc, device=self.device)
 
+    def pass_setup(self, cfg, kind: int = 0, tgt: int = 0, rp: int = 16):
+        """What every row/column-pass launch (backward, double backward) shares: the grids' row blocks of
+        U (nbm) and of V (nbn), the d-chunks (nd), zeroed per-row-block partials of ∂s and ∂b, and the
+        constexpr/launch keywords."""
+        nbm = triton_cdiv(self.M, cfg.BM)
+        common = dict(KIND=kind, TGT=tgt, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BDO=cfg.BDO, RP=rp,
+                      UPCAST=self.upcast, PREC=self.prec, LR_PREC=self.lr_prec, ACC=self.ACC, LDT=self.LDT,
+                      LR16=self.LR16, **_launch_kw(cfg))
+        return (nbm, triton_cdiv(self.N, cfg.BM), triton_cdiv(self.D, cfg.BDO), self.partial(nbm),
+                self.partial(nbm), common)
+
+    def partial(self, n: int):
+        return torch.zeros(n, dtype=self.acc, device=self.device)
+
 
 def _eager(fn):
     """torch.compile runs the primitives eagerly (a graph break around each call): dynamo cannot trace the
@@ -253,13 +267,7 @@ def _lse_backward(c: _Ctx, lr, lc, glr, glc):
     dV = torch.empty_like(c.V)
     glr = glr.detach().to(c.acc).contiguous()
     glc = glc.detach().to(c.acc).contiguous()
-    nbm = triton_cdiv(c.M, cfg.BM)
-    nbn = triton_cdiv(c.N, cfg.BM)
-    nd = triton_cdiv(c.D, cfg.BDO)
-    ps = torch.zeros(nbm, dtype=c.acc, device=c.device)
-    pb = torch.zeros(nbm, dtype=c.acc, device=c.device)
-    common = dict(KIND=0, TGT=0, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BDO=cfg.BDO, RP=16, UPCAST=c.upcast,
-                  PREC=c.prec, LR_PREC=c.lr_prec, ACC=c.ACC, LDT=c.LDT, LR16=c.LR16, **_launch_kw(cfg))
+    nbm, nbn, nd, ps, pb, common = c.pass_setup(cfg)
     with _guard(c.device):
         K._bwd_kernel[(nbm, nd)](c.U, c.V, c.M, c.N, c.D, c.s, c.b, d, d, d, 1, d, lr, lc, glr, glc, d,
                                  dU, d, d, ps, pb, PRIMARY=True, **common)
@@ -286,13 +294,7 @@ def _lse_double(c: _Ctx, lr, lc, glr, glc, Ub, Vb, sbar, bbar):
     pre = dict(BM=pcfg.BM, BN=pcfg.BN, BK=pcfg.BK, UPCAST=c.upcast, PREC=c.prec, ACC=c.ACC, **_launch_kw(pcfg))
     gU = torch.empty_like(c.U)
     gV = torch.empty_like(c.V)
-    nbm = triton_cdiv(c.M, cfg.BM)
-    nbn = triton_cdiv(c.N, cfg.BM)
-    nd = triton_cdiv(c.D, cfg.BDO)
-    ps = torch.zeros(nbm, dtype=c.acc, device=c.device)
-    pb = torch.zeros(nbm, dtype=c.acc, device=c.device)
-    common = dict(KIND=0, TGT=0, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BDO=cfg.BDO, RP=16, UPCAST=c.upcast,
-                  PREC=c.prec, LR_PREC=c.lr_prec, ACC=c.ACC, LDT=c.LDT, LR16=c.LR16, **_launch_kw(cfg))
+    nbm, nbn, nd, ps, pb, common = c.pass_setup(cfg)
     with _guard(c.device):
         K._dbl_pre_kernel[(triton_cdiv(c.M, pcfg.BM),)](c.U, c.V, Ub, Vb, c.M, c.N, c.D, c.s, c.b, sb, bb,
                                                          lr, rho, **pre)
@@ -392,19 +394,13 @@ def _pair_backward(c: _Ctx, kind, target, w, g):
     g = _scalar(g, c.acc, c.device)
     dU = torch.empty_like(c.U)
     dV = torch.empty_like(c.V)
-    nbm = triton_cdiv(c.M, cfg.BM)
-    nbn = triton_cdiv(c.N, cfg.BM)
-    nd = triton_cdiv(c.D, cfg.BDO)
-    ps = torch.zeros(nbm, dtype=c.acc, device=c.device)
-    pb = torch.zeros(nbm, dtype=c.acc, device=c.device)
+    nbm, nbn, nd, ps, pb, common = c.pass_setup(cfg, _KINDS[kind], tgt, _rp(r))
     if tgt:
         da = torch.empty(c.M, dtype=c.acc, device=c.device)
         dL = torch.empty(c.M, r, dtype=c.acc, device=c.device)
         dR = torch.empty(c.N, r, dtype=c.acc, device=c.device)
     else:
         da = dL = dR = d
-    common = dict(KIND=_KINDS[kind], TGT=tgt, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BDO=cfg.BDO, RP=_rp(r),
-                  UPCAST=c.upcast, PREC=c.prec, LR_PREC=c.lr_prec, ACC=c.ACC, LDT=c.LDT, LR16=c.LR16, **_launch_kw(cfg))
     with _guard(c.device):
         K._bwd_kernel[(nbm, nd)](c.U, c.V, c.M, c.N, c.D, c.s, c.b, lc, r_, a, r, w, d, d, d, d, g,
                                  dU, dL, da, ps, pb, PRIMARY=True, **common)
@@ -428,12 +424,8 @@ def _pair_double(c: _Ctx, kind, target, w, g, Ub, Vb, sbar, bbar, abar, Lbar, Rb
     bb = _scalar(bbar, c.acc, c.device)
     gU = torch.empty_like(c.U)
     gV = torch.empty_like(c.V)
-    nbm = triton_cdiv(c.M, cfg.BM)
-    nbn = triton_cdiv(c.N, cfg.BM)
-    nd = triton_cdiv(c.D, cfg.BDO)
-    ps = torch.zeros(nbm, dtype=c.acc, device=c.device)
-    pb = torch.zeros(nbm, dtype=c.acc, device=c.device)
-    pg = torch.zeros(nbm, dtype=c.acc, device=c.device)
+    nbm, nbn, nd, ps, pb, common = c.pass_setup(cfg, _KINDS[kind], tgt, _rp(r))
+    pg = c.partial(nbm)
     if tgt:
         cv = lambda t, like: (torch.zeros_like(like) if t is None else  # noqa: E731
                               t.detach().to(device=c.device, dtype=c.acc).contiguous())
@@ -443,8 +435,6 @@ def _pair_double(c: _Ctx, kind, target, w, g, Ub, Vb, sbar, bbar, abar, Lbar, Rb
         gR = torch.empty(c.N, r, dtype=c.acc, device=c.device)
     else:
         ab = Lb_ = Rb_ = ga = gL = gR = d
-    common = dict(KIND=_KINDS[kind], TGT=tgt, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BDO=cfg.BDO, RP=_rp(r),
-                  UPCAST=c.upcast, PREC=c.prec, LR_PREC=c.lr_prec, ACC=c.ACC, LDT=c.LDT, LR16=c.LR16, **_launch_kw(cfg))
     with _guard(c.device):
         K._dbl_kernel[(nbm, nd)](c.U, c.V, Ub, Vb, c.M, c.N, c.D, c.s, c.b, sb, bb,
                                  lc, r_, Lb_, Rb_, a, ab, r, w, d, d, d, d, d, d, g,
