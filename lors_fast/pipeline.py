@@ -157,6 +157,23 @@ def _eval_context(cache_dir, buffer: str):
     return _EVAL_CONTEXT[key]
 
 
+_RANDOM_SUBSET: dict = {}  # per process: the random real pairs (the same for every evaluation seed)
+
+
+def _random_subset(cfg: MainJobConfig, encoder: str, n_train):
+    key = (cfg.cache_dir, encoder, n_train, cfg.n_pairs, cfg.seed)
+    if key not in _RANDOM_SUBSET:
+        from .coreset import random_pairs
+        from .data import load_split
+        from .text import caption_embeddings
+
+        train = load_split("synthetic", "train", cache_dir=cfg.cache_dir, n_images=n_train)
+        emb = caption_embeddings(train, encoder, cache_dir=cfg.cache_dir)
+        img_idx, cap_idx = random_pairs(cfg.n_pairs, train.img2txt, seed=cfg.seed)
+        _RANDOM_SUBSET[key] = (train.normalized(img_idx), emb[cap_idx])
+    return _RANDOM_SUBSET[key]
+
+
 def _eval_one(cfg: MainJobConfig, buffer: str, ckpt: str | None, k: int, threads: int | None):
     """Evaluation run ``k`` (seed ``eval seed + k``) of one set: a distilled checkpoint, or the random real
     subset when ``ckpt`` is None. The same network, data order and numbers as run k of
@@ -171,14 +188,8 @@ def _eval_one(cfg: MainJobConfig, buffer: str, ckpt: str | None, k: int, threads
     spec, val, test, encoder, n_train = _eval_context(cfg.cache_dir, buffer)
     ecfg = _eval_cfg(cfg)
     if ckpt is None:
-        from .coreset import random_pairs
-        from .data import load_split
-        from .text import caption_embeddings
-
-        train = load_split("synthetic", "train", cache_dir=cfg.cache_dir, n_images=n_train)
-        emb = caption_embeddings(train, encoder, cache_dir=cfg.cache_dir)
-        img_idx, cap_idx = random_pairs(cfg.n_pairs, train.img2txt, seed=cfg.seed)
-        images, texts, target, lr_img, lr_txt = train.normalized(img_idx), emb[cap_idx], None, RANDOM_LR, RANDOM_LR
+        images, texts = _random_subset(cfg, encoder, n_train)
+        target, lr_img, lr_txt = None, RANDOM_LR, RANDOM_LR
     else:
         from .distill import load_distilled
 
