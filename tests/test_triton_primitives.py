@@ -258,6 +258,50 @@ def test_lse_unfused_column_pass(monkeypatch):
             "lse unfused", second=False)
 
 
+@pytest.fixture
+def whole_d(monkeypatch):
+    """Every stage in the WD layout (resident row block, one load of each column tile for both GEMMs)."""
+    import lors_fast.ops.triton_backend as tb
+
+    monkeypatch.setattr(tb, "CONFIG_OVERRIDE", {st: {"WD": True} for st in ("fwd", "bwd", "pre", "dbl", "fwd_pair", "bwd_pair", "dbl_pair")})
+    assert tb._config("bwd", 40, torch.float32, torch.device(DEV)).WD
+    assert tb._config("dbl_pair", 40, torch.float32, torch.device(DEV)).BDO == 64  # d = 40 padded to DP = 64
+    return tb
+
+
+@pytest.mark.parametrize("case", [(17, 5, 33, False), (65, 63, 24, True), (1, 1, 3, True)],
+                         ids=lambda c: f"M{c[0]}-N{c[1]}-d{c[2]}")
+def test_whole_d_layout_lse(whole_d, case):
+    M, N, d, bias = case
+    U, V, s, b, _ = make_inputs(M, N, d, 1, F64, seed=21, bias=bias, lowrank=False)
+    kin, oin = _leaves(U, V, s, b, None, F64, DEV)
+    compare(lambda: P_EXACT.lse(*kin[:4]), lambda: oracle_lse(*oin[:4]), kin, oin, *TOL[F64], f"WD lse {case}")
+
+
+@pytest.mark.parametrize("case", [("wbce", "lowrank"), ("mse", "lowrank"), ("bce", "identity")],
+                         ids=lambda c: f"{c[0]}-{c[1]}")
+def test_whole_d_layout_pairsum(whole_d, case):
+    kind, tg = case
+    U, V, s, b, tgt = make_inputs(65, 65, 20, 3, F64, seed=22, lowrank=tg == "lowrank")
+    kin, oin = _leaves(U, V, s, b, tgt, F64, DEV)
+    npos, nneg = _counts(P_EXACT, kin[4], 65) if kind == "wbce" else (None, None)
+    compare(lambda: P_EXACT.pairsum(kind, *kin, npos=npos, nneg=nneg),
+            lambda: oracle_pairsum(kind, *oin, npos=npos, nneg=nneg), kin, oin, *TOL[F64], f"WD {kind}/{tg}")
+
+
+def test_whole_d_layout_fp16_native_operands(whole_d, monkeypatch):
+    # the GPU code path of WD: 16-bit resident row block and column tiles, G cast to 16 bits for G·B
+    if INTERP:
+        monkeypatch.setattr(whole_d, "_INTERPRET_NATIVE_16BIT", True)
+    U, V, s, b, tgt = make_inputs(33, 33, 40, 2, F64, seed=23)
+    kin, oin = _leaves(U.half().double(), V.half().double(), s, b, tgt, torch.float16, DEV)
+    npos, nneg = _counts(P_EXACT, kin[4], 33)
+    compare(lambda: P_EXACT.pairsum("wbce", *kin, npos=npos, nneg=nneg),
+            lambda: oracle_pairsum("wbce", *oin, npos=npos, nneg=nneg), kin, oin, 1e-2, 1e-4, "WD wbce fp16")
+    compare(lambda: P_EXACT.lse(*kin[:4]), lambda: oracle_lse(*oin[:4]), kin[:4] + (None,), oin[:4] + (None,),
+            1e-2, 1e-4, "WD lse fp16")
+
+
 def test_extreme_logits_finite():
     # large scale: saturated sigmoids, bce clamp active, LSE far from 0
     U, V, s, b, tgt = make_inputs(20, 20, 16, 2, F64, seed=6, scale=300.0)

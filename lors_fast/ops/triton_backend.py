@@ -12,8 +12,9 @@ False: a second row pass instead, no buffer). The backward and double backward r
 row-block pass and a column-block pass (the column pass is the row kernel with the roles of U and V swapped).
 No N×N buffer, no atomics: scalar gradients are per-program partials summed in torch (deterministic).
 
-Launch configs are heuristics per stage and dtype (the 16-bit ones: the best of bench/gpu_check.py's sweep on
-an H200), not ``triton.autotune``: every (kind, target, pass) is its own kernel specialisation, and autotuning
+Launch configs are heuristics per stage, kernel family (LSE or pair kinds) and dtype (the 16-bit LSE ones: the
+best of bench/gpu_check.py's sweep on an H200; the pair kinds' tiles: the non-spilling ones of an sm_90a build by
+bench/aot_check.py), not ``triton.autotune``: every (kind, target, pass) is its own kernel specialisation, and autotuning
 each would cost minutes of compilation; M and N are not specialised on (no recompile when the batch changes).
 ``CONFIG_OVERRIDE`` replaces them (benchmarks). Under ``torch.compile`` the primitives run eagerly (graph
 breaks); second derivatives through compiled regions are a torch.compile limitation.
@@ -55,6 +56,11 @@ FWD_FUSED_COLUMNS = True
 # S (True: tested under the interpreter with fp16, not yet measured on a GPU — see bench/RESULTS_GPU.md).
 LOWRANK_16BIT = False
 
+# The whole-d layout (WD) keeps a (BM × DP) row block resident: beyond DP = 512 (d > 512) it cannot fit the
+# 227 KiB of shared memory of an H100/H200 next to its column tiles (bench/aot_check.py), so configs asking
+# for WD fall back to the K-loop layout there.
+WD_MAX_DP = 512
+
 # Tests only: under TRITON_INTERPRET keep bf16/fp16 GEMM operands in 16 bits (the GPU code path).
 _INTERPRET_NATIVE_16BIT = False
 
@@ -92,37 +98,56 @@ def _pow2(x: int) -> int:
 
 
 class _Cfg:
-    __slots__ = ("BM", "BN", "BK", "BDO", "num_warps", "num_stages")
+    """A launch config. WD ("whole d", see triton_kernels): the row block stays resident with d padded to
+    DP = the next power of two, each column tile of the other side is loaded once and used by both GEMMs
+    (the backward's d-chunk becomes BDO = DP, one chunk); BK is then unused."""
 
-    def __init__(self, BM, BN, BK, BDO, num_warps, num_stages):
+    __slots__ = ("BM", "BN", "BK", "BDO", "num_warps", "num_stages", "WD", "DP")
+
+    def __init__(self, BM, BN, BK, BDO, num_warps, num_stages, WD=False, DP=16):
         self.BM, self.BN, self.BK, self.BDO = BM, BN, BK, BDO
         self.num_warps, self.num_stages = num_warps, num_stages
+        self.WD, self.DP = bool(WD), DP
 
 
 def _config(stage: str, D: int, dtype: torch.dtype, device) -> _Cfg:
+    """Launch config of a stage: "fwd", "bwd", "pre", "dbl" (the LSE kernels) or "fwd_pair", "bwd_pair",
+    "dbl_pair" (the pair kinds bce/wbce/mse/softplus, whose elementwise tiles hold more live registers)."""
     if device.type != "cuda":  # interpreter: few, big programs
         c = dict(BM=64, BN=64, BK=32, BDO=32, num_warps=4, num_stages=1)
     else:
         small = dtype in (torch.bfloat16, torch.float16)
         dp = max(16, _pow2(D))
-        # 16-bit defaults: the best of bench/gpu_check.py's sweep on an H200 (bench/RESULTS_GPU.md)
+        # 16-bit LSE defaults: the best of bench/gpu_check.py's sweep on an H200 (bench/RESULTS_GPU.md)
         # (fwd: BM = 128 is within 3 % of the fastest BM = 64 and halves the column-partials buffer)
+        # Pair kinds: narrower tiles, chosen by bench/aot_check.py (sm_90a build, bench/RESULTS_AOT.md) where
+        # the LSE tiles spill registers (bytes per thread, bf16 / fp32): fwd 128×128 → 708 / -, 128×64 → 0 / 0;
+        # bwd BN 64 → 1228 / 424, BN 32 → 156 / 0; dbl BN 64 → 3528 / 3364, BN 32 → 568 / 340 (not yet timed
+        # on a GPU: gpu_check.py's sweep times them against the LSE tiles)
         if stage == "fwd":
             c = (dict(BM=128, BN=128, BK=64, BDO=16, num_warps=8, num_stages=4) if small else
                  dict(BM=128, BN=64, BK=32, BDO=16, num_warps=8, num_stages=3))
-        elif stage == "bwd":
-            c = dict(BM=64, BN=64, BK=64 if small else 32, BDO=min(dp, 512 if small else 128), num_warps=8,
-                     num_stages=2)
+        elif stage == "fwd_pair":
+            c = (dict(BM=128, BN=64, BK=64, BDO=16, num_warps=8, num_stages=4) if small else
+                 dict(BM=128, BN=64, BK=32, BDO=16, num_warps=8, num_stages=3))
+        elif stage in ("bwd", "bwd_pair"):
+            c = dict(BM=64, BN=32 if stage == "bwd_pair" else 64, BK=64 if small else 32,
+                     BDO=min(dp, 512 if small else 128), num_warps=8, num_stages=2)
         elif stage == "pre":
             c = dict(BM=64, BN=64, BK=64 if small else 32, BDO=16, num_warps=4, num_stages=2)
+        elif stage in ("dbl", "dbl_pair"):
+            c = dict(BM=64, BN=32 if stage == "dbl_pair" else 64, BK=64 if small else 32,
+                     BDO=min(dp, 256 if small else 128), num_warps=8, num_stages=2)
         else:
-            c = dict(BM=64, BN=64, BK=64 if small else 32, BDO=min(dp, 256 if small else 128), num_warps=8,
-                     num_stages=2)
+            raise ValueError(f"unknown kernel stage {stage!r}")
     c.update(CONFIG_OVERRIDE.get(stage, {}))
     c.update(CONFIG_OVERRIDE.get((stage, str(dtype).replace("torch.", "")), {}))
-    c["BK"] = min(c["BK"], max(16, _pow2(D)))
-    c["BDO"] = min(c["BDO"], max(16, _pow2(D)))
-    return _Cfg(**c)
+    dp = max(16, _pow2(D))
+    if c.get("WD") and dp > WD_MAX_DP:  # the resident row block would not fit: K-loop layout, same tiles
+        c["WD"] = False
+    c["BK"] = min(c["BK"], dp)
+    c["BDO"] = dp if c.get("WD") else min(c["BDO"], dp)
+    return _Cfg(**c, DP=dp)
 
 
 def _acc_dtype(dtype):
@@ -158,7 +183,8 @@ def _rp(r: int) -> int:
 
 
 def _launch_kw(cfg):
-    return dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    """Launch keywords and the layout constexprs every kernel but the count kernel takes."""
+    return dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, WD=cfg.WD, DP=cfg.DP)
 
 
 def _scalar(x, dtype, device):
@@ -187,8 +213,8 @@ class _Ctx:
         self.LDT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(U.dtype, self.ACC)
         self.LR16 = bool(LOWRANK_16BIT and not self.upcast)
 
-    def cfg(self, stage):
-        return _config(stage, self.D, self.dtype, self.device)
+    def cfg(self, stage, pair=False):
+        return _config(stage + "_pair" if pair else stage, self.D, self.dtype, self.device)
 
     def dummy(self):
         return torch.zeros(2, dtype=self.acc, device=self.device)
@@ -371,7 +397,7 @@ def _lowrank_parts(target, c: _Ctx):
 @_eager
 def _pair_forward(c: _Ctx, kind, target, w):
     K = _kernels()
-    cfg = c.cfg("fwd")
+    cfg = c.cfg("fwd", pair=True)
     tgt, a, lc, r_, r = _lowrank_parts(target, c)
     nbm = triton_cdiv(c.M, cfg.BM)
     part = torch.zeros(nbm, dtype=c.acc, device=c.device)
@@ -388,7 +414,7 @@ def _pair_forward(c: _Ctx, kind, target, w):
 def _pair_backward(c: _Ctx, kind, target, w, g):
     """(dU, dV, ds, db, da, dLc, dR) of g·Σφ."""
     K = _kernels()
-    cfg = c.cfg("bwd")
+    cfg = c.cfg("bwd", pair=True)
     tgt, a, lc, r_, r = _lowrank_parts(target, c)
     d = c.dummy()
     g = _scalar(g, c.acc, c.device)
@@ -414,7 +440,7 @@ def _pair_backward(c: _Ctx, kind, target, w, g):
 @_eager
 def _pair_double(c: _Ctx, kind, target, w, g, Ub, Vb, sbar, bbar, abar, Lbar, Rbar):
     K = _kernels()
-    cfg = c.cfg("dbl")
+    cfg = c.cfg("dbl", pair=True)
     tgt, a, lc, r_, r = _lowrank_parts(target, c)
     d = c.dummy()
     g = _scalar(g, c.acc, c.device)

@@ -8,6 +8,12 @@ partials and reduced in torch; nothing is accumulated with atomics, so every res
 
 KIND (constexpr): 0 = log-sum-exp, 1 = bce, 2 = wbce, 3 = mse, 4 = softplus.
 TGT (constexpr): 0 = identity target (S = I), 1 = low-rank target S = diag(a) + La·Lbᵀ.
+WD (constexpr, "whole d"): the row block of A is loaded once, d zero padded to the power of two DP, and stays
+resident for the whole column walk; each column tile of B is loaded once (BN × DP) and serves both the Z tile
+(A·Bᵀ, one dot with K = DP) and, in the backward passes, the output GEMM G·B (BDO = DP, one d-chunk). The
+column walk is then the only loop, so the compiler can prefetch the next B tile during the current tile's
+elementwise work (the FlashAttention layout). WD = False: the Z tile is a K-loop of BK steps per column tile
+and the output GEMM reloads a d-chunk of B (smaller register and shared-memory footprint; needed for large d).
 UPCAST (constexpr): load every operand as ACC (fp32 or fp64) and run tl.dot in ACC with input precision
 PREC; when False (bf16/fp16 on GPU) the GEMM operands stay in the input dtype, accumulation is fp32.
 Scale, bias and every other learnable value are runtime arguments (pointers to 0-dim tensors, so no
@@ -83,6 +89,27 @@ def _xt_tiles(A, B, Ab, Bb, offs_m, offs_n, M, N, D, BM: tl.constexpr, BN: tl.co
         t = _dot(ab, bt, t, UPCAST, PREC)
         t = _dot(a, bbt, t, UPCAST, PREC)
     return x, t
+
+
+@triton.jit
+def _xb_tile(a, B, offs_n, N, D, BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, UPCAST: tl.constexpr,
+             PREC: tl.constexpr, ACC: tl.constexpr):
+    """WD: X = a·B[offs_n]ᵀ for a resident (BM × DP) row block a, and the loaded (BN × DP) rows of B."""
+    bw = _ld(B, offs_n, tl.arange(0, DP), N, D, D, UPCAST, ACC)
+    x = _dot(a, tl.trans(bw), tl.zeros((BM, BN), ACC), UPCAST, PREC)
+    return x, bw
+
+
+@triton.jit
+def _xt_tiles_wd(a, ab, B, Bb, offs_n, N, D, BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
+                 UPCAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    """WD: X = a·Bᵀ and T = ā·Bᵀ + a·B̄ᵀ for resident row blocks a, ā, and the loaded rows of B and B̄."""
+    bw = _ld(B, offs_n, tl.arange(0, DP), N, D, D, UPCAST, ACC)
+    bbw = _ld(Bb, offs_n, tl.arange(0, DP), N, D, D, UPCAST, ACC)
+    x = _dot(a, tl.trans(bw), tl.zeros((BM, BN), ACC), UPCAST, PREC)
+    t = _dot(ab, tl.trans(bw), tl.zeros((BM, BN), ACC), UPCAST, PREC)
+    t = _dot(a, tl.trans(bbw), t, UPCAST, PREC)
+    return x, t, bw, bbw
 
 
 @triton.jit
@@ -185,7 +212,8 @@ def _fwd_kernel(A, B, M, N, D, sc_ptr, bi_ptr, La, Lb, a_ptr, r, w_ptr,
                 out_row, cpart, part,
                 KIND: tl.constexpr, TGT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                 BK: tl.constexpr, RP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                LR_PREC: tl.constexpr, ACC: tl.constexpr, LDT: tl.constexpr, FUSE_COLS: tl.constexpr, LR16: tl.constexpr):
+                LR_PREC: tl.constexpr, ACC: tl.constexpr, LDT: tl.constexpr, FUSE_COLS: tl.constexpr, LR16: tl.constexpr,
+                WD: tl.constexpr, DP: tl.constexpr):
     """Forward row pass. LSE: row LSE (natural log) and, with FUSE_COLS, the per-(row block, column) partial
     column LSE in log2 units (one fp32 per row block and column, reduced in torch). Pair kinds:
     per-program partial Σ φ."""
@@ -206,10 +234,15 @@ def _fwd_kernel(A, B, M, N, D, sc_ptr, bi_ptr, La, Lb, a_ptr, r, w_ptr,
     accf = tl.zeros((BM,), ACC)
     wpos = tl.load(w_ptr).to(ACC)
     wneg = tl.load(w_ptr + 1).to(ACC)
+    if WD:
+        a_res = _ld(A, offs_m, tl.arange(0, DP), M, D, D, UPCAST, ACC)
     for n0 in range(0, N, BN):
         offs_n = n0 + tl.arange(0, BN).to(tl.int64)
         cmask = offs_n < N
-        x = _x_tile(A, B, offs_m, offs_n, M, N, D, BM, BN, BK, UPCAST, PREC, ACC)
+        if WD:
+            x, bw = _xb_tile(a_res, B, offs_n, N, D, BM, BN, DP, UPCAST, PREC, ACC)
+        else:
+            x = _x_tile(A, B, offs_m, offs_n, M, N, D, BM, BN, BK, UPCAST, PREC, ACC)
         if KIND == 0:
             z2 = x * s2 + b2
             z2 = tl.where(cmask[None, :], z2, float("-inf"))
@@ -243,8 +276,8 @@ def _bwd_kernel(A, B, M, N, D, sc_ptr, bi_ptr, La, Lb, a_ptr, r, w_ptr,
                 KIND: tl.constexpr, TGT: tl.constexpr, PRIMARY: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BDO: tl.constexpr,
                 RP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, LR_PREC: tl.constexpr,
-                ACC: tl.constexpr, LDT: tl.constexpr, LR16: tl.constexpr):
-    """Backward row pass, grid (row blocks, d-chunks of BDO): dA = s·G·B with G = ∂out/∂Z;
+                ACC: tl.constexpr, LDT: tl.constexpr, LR16: tl.constexpr, WD: tl.constexpr, DP: tl.constexpr):
+    """Backward row pass, grid (row blocks, d-chunks of BDO; WD: one chunk, BDO = DP): dA = s·G·B with G = ∂out/∂Z;
     low-rank: dLa = H·Lb (H = ∂out/∂S), da = diag(H); PRIMARY: partials of ∂s = ΣG⊙X, ∂b = ΣG."""
     pid = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -270,11 +303,16 @@ def _bwd_kernel(A, B, M, N, D, sc_ptr, bi_ptr, La, Lb, a_ptr, r, w_ptr,
     accd = tl.zeros((BM,), ACC)
     accs = tl.zeros((BM,), ACC)
     accb = tl.zeros((BM,), ACC)
+    if WD:
+        a_res = _ld(A, offs_m, tl.arange(0, DP), M, D, D, UPCAST, ACC)
     for n0 in range(0, N, BN):
         offs_n = n0 + tl.arange(0, BN).to(tl.int64)
         cmask = offs_n < N
         valid = rmask[:, None] & cmask[None, :]
-        x = _x_tile(A, B, offs_m, offs_n, M, N, D, BM, BN, BK, UPCAST, PREC, ACC)
+        if WD:
+            x, bv = _xb_tile(a_res, B, offs_n, N, D, BM, BN, DP, UPCAST, PREC, ACC)
+        else:
+            x = _x_tile(A, B, offs_m, offs_n, M, N, D, BM, BN, BK, UPCAST, PREC, ACC)
         if KIND == 0:
             z2 = x * s2 + b2
             lrb = tl.load(lse_b + offs_n, mask=cmask, other=0.0).to(ACC) * 1.4426950408889634
@@ -292,7 +330,8 @@ def _bwd_kernel(A, B, M, N, D, sc_ptr, bi_ptr, La, Lb, a_ptr, r, w_ptr,
                 accL = _lrdot(H, lb, accL, LR16, LR_PREC, LDT)
                 if PRIMARY:
                     accd += tl.sum(tl.where(offs_m[:, None] == offs_n[None, :], H, 0.0), 1)
-        bv = _ld(B, offs_n, offs_do, N, D, D, UPCAST, ACC)
+        if not WD:  # (loaded here, after the tile's elementwise work: fewer live registers)
+            bv = _ld(B, offs_n, offs_do, N, D, D, UPCAST, ACC)
         if UPCAST:
             acc = _dot(G, bv, acc, UPCAST, PREC)
         else:
@@ -316,7 +355,7 @@ def _bwd_kernel(A, B, M, N, D, sc_ptr, bi_ptr, La, Lb, a_ptr, r, w_ptr,
 @triton.jit(do_not_specialize=["M", "N"])
 def _dbl_pre_kernel(A, B, Ab, Bb, M, N, D, sc_ptr, bi_ptr, sbar_ptr, bbar_ptr, lse_a, rho,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
-                    PREC: tl.constexpr, ACC: tl.constexpr):
+                    PREC: tl.constexpr, ACC: tl.constexpr, WD: tl.constexpr, DP: tl.constexpr):
     """LSE double backward pre-pass: ρ_i = Σ_j p_ij W_ij, W = s(Ā·Bᵀ + A·B̄ᵀ) + s̄·A·Bᵀ + b̄."""
     pid = tl.program_id(0).to(tl.int64)
     offs_m = pid * BM + tl.arange(0, BM)
@@ -329,11 +368,17 @@ def _dbl_pre_kernel(A, B, Ab, Bb, M, N, D, sc_ptr, bi_ptr, sbar_ptr, bbar_ptr, l
     b2 = b * 1.4426950408889634
     lra = tl.load(lse_a + offs_m, mask=rmask, other=0.0).to(ACC) * 1.4426950408889634
     acc = tl.zeros((BM,), ACC)
+    if WD:
+        a_res = _ld(A, offs_m, tl.arange(0, DP), M, D, D, UPCAST, ACC)
+        ab_res = _ld(Ab, offs_m, tl.arange(0, DP), M, D, D, UPCAST, ACC)
     for n0 in range(0, N, BN):
         offs_n = n0 + tl.arange(0, BN).to(tl.int64)
         cmask = offs_n < N
         valid = rmask[:, None] & cmask[None, :]
-        x, t = _xt_tiles(A, B, Ab, Bb, offs_m, offs_n, M, N, D, BM, BN, BK, UPCAST, PREC, ACC)
+        if WD:
+            x, t, bw, bbw = _xt_tiles_wd(a_res, ab_res, B, Bb, offs_n, N, D, BM, BN, DP, UPCAST, PREC, ACC)
+        else:
+            x, t = _xt_tiles(A, B, Ab, Bb, offs_m, offs_n, M, N, D, BM, BN, BK, UPCAST, PREC, ACC)
         p = tl.exp2(x * s2 + b2 - lra[:, None])
         W = s * t + sbar * x + bbar
         acc += tl.sum(tl.where(valid, p * W, 0.0), 1)
@@ -348,8 +393,8 @@ def _dbl_kernel(A, B, Ab, Bb, M, N, D, sc_ptr, bi_ptr, sbar_ptr, bbar_ptr,
                 KIND: tl.constexpr, TGT: tl.constexpr, PRIMARY: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BDO: tl.constexpr,
                 RP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, LR_PREC: tl.constexpr,
-                ACC: tl.constexpr, LDT: tl.constexpr, LR16: tl.constexpr):
-    """Double backward row pass, grid (row blocks, d-chunks). With W the cotangent of G and Y that of H:
+                ACC: tl.constexpr, LDT: tl.constexpr, LR16: tl.constexpr, WD: tl.constexpr, DP: tl.constexpr):
+    """Double backward row pass, grid (row blocks, d-chunks; WD: one chunk). With W the cotangent of G and Y that of H:
     δZ = (∂G/∂Z)ᵀW + (∂H/∂Z)ᵀY, δS likewise; gA = Σ_j (s·δZ + s̄·G) B_j + s·Σ_j G B̄_j,
     gLa = δS·Lb + H·L̄b, ga = diag(δS); PRIMARY: partials of ∂s, ∂b and ∂g (pair kinds)."""
     pid = tl.program_id(0).to(tl.int64)
@@ -384,11 +429,17 @@ def _dbl_kernel(A, B, Ab, Bb, M, N, D, sc_ptr, bi_ptr, sbar_ptr, bbar_ptr,
     accs = tl.zeros((BM,), ACC)
     accb = tl.zeros((BM,), ACC)
     accg = tl.zeros((BM,), ACC)
+    if WD:
+        a_res = _ld(A, offs_m, tl.arange(0, DP), M, D, D, UPCAST, ACC)
+        ab_res = _ld(Ab, offs_m, tl.arange(0, DP), M, D, D, UPCAST, ACC)
     for n0 in range(0, N, BN):
         offs_n = n0 + tl.arange(0, BN).to(tl.int64)
         cmask = offs_n < N
         valid = rmask[:, None] & cmask[None, :]
-        x, t = _xt_tiles(A, B, Ab, Bb, offs_m, offs_n, M, N, D, BM, BN, BK, UPCAST, PREC, ACC)
+        if WD:
+            x, t, bv, bbv = _xt_tiles_wd(a_res, ab_res, B, Bb, offs_n, N, D, BM, BN, DP, UPCAST, PREC, ACC)
+        else:
+            x, t = _xt_tiles(A, B, Ab, Bb, offs_m, offs_n, M, N, D, BM, BN, BK, UPCAST, PREC, ACC)
         W = s * t + sbar * x + bbar
         if KIND == 0:
             z2 = x * s2 + b2
@@ -423,8 +474,9 @@ def _dbl_kernel(A, B, Ab, Bb, M, N, D, sc_ptr, bi_ptr, sbar_ptr, bbar_ptr,
             G = tl.where(valid, g * f1, 0.0)
         c1 = s * dZ + sbar * G
         c2 = s * G
-        bv = _ld(B, offs_n, offs_do, N, D, D, UPCAST, ACC)
-        bbv = _ld(Bb, offs_n, offs_do, N, D, D, UPCAST, ACC)
+        if not WD:
+            bv = _ld(B, offs_n, offs_do, N, D, D, UPCAST, ACC)
+            bbv = _ld(Bb, offs_n, offs_do, N, D, D, UPCAST, ACC)
         if UPCAST:
             acc = _dot(c1, bv, acc, UPCAST, PREC)
             acc = _dot(c2, bbv, acc, UPCAST, PREC)
