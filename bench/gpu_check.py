@@ -3,15 +3,18 @@
 
     export PYTHONPATH=$PWD PYTHONUNBUFFERED=1; python bench/gpu_check.py 2>&1 | tee $OUT/log.txt
 
-Sections (each guarded by a time budget and its own try/except, so the whole run ends by ~270 s):
+Sections (each guarded by a time budget and its own try/except, so the whole run ends by ~280 s):
   1. meta + the card's own dense matmul rate (bf16, tf32, fp16) as the ceiling;
   2. correctness of the primitives (lse, pairsum φ × target) vs a float64 oracle: values, first derivatives
      and second derivatives, fp32 (ieee and tf32), bf16, fp16; low precision judged by the flash-attention
      rule: err ≤ 2·err(torch eager in that dtype) + floor;
-  3. a small block-config sweep of the bf16 forward/backward kernels (the best is used for section 4);
+  3. a launch-config sweep (SWEEP: per kernel stage, LSE and pair kinds, forward, backward and double backward,
+     bf16; candidates pre-screened by bench/aot_check.py's sm_90a build), then LOWRANK_16BIT and the fp32
+     backward's d-chunk; each stage keeps its fastest, used by every later section; a correctness post-check
+     of the chosen configs at N = 4097;
   4. timings (median, p20, p80 via triton.testing.do_bench) of lors_fast.contrastive_loss fwd+bwd for
-     triton, eager reference and torch.compile(reference), TFLOP/s by the FLOP model 8·N²·(d+r), peak memory;
-     double backward at N = 8192;
+     triton, eager reference, our streaming path (targets only) and torch.compile(reference), TFLOP/s by the
+     FLOP model 8·N²·(d+r), peak memory; double backward at N = 8192;
   5. other providers (a ~20 s slice before the grid): Inf-CL (`inf_cl.cal_flash_loss`, both directions averaged)
      and open_clip `ClipLoss` on the symmetric hard-label CLIP loss (our infonce, identity target) at N = 32768,
      d = 512, bf16: loss and gradient agreement with ours, fwd+bwd timing rows (provider column), ratio
@@ -42,7 +45,7 @@ import time
 import traceback
 
 T0 = time.time()
-BUDGET = float(os.environ.get("GPU_CHECK_BUDGET", "270"))
+BUDGET = float(os.environ.get("GPU_CHECK_BUDGET", "280"))
 # GPU_CHECK_DRYRUN=1: a CPU smoke run of the script's own code under the Triton interpreter (tiny sizes)
 DRY = os.environ.get("GPU_CHECK_DRYRUN", "0") == "1"
 if DRY:
@@ -350,64 +353,93 @@ def _dbl_fn(img, txt, scale, tgt, bias, leaves, kind):
     return fn
 
 
+# Candidate launch configs per kernel stage (triton_backend._config), bf16. None = the backend's default. Picked
+# with bench/aot_check.py (an sm_90a build here: every one compiles, fits shared memory and spills little; the
+# table is bench/RESULTS_AOT.md); "old" = the default before that analysis. Each stage keeps its fastest
+# (written to CONFIG_OVERRIDE, so the later stages and every timing below run with it).
+SWEEP = {
+    "fwd": [None,  # LSE forward alone (infonce)
+            dict(BM=128, BN=32, num_warps=8, num_stages=2, WD=True),
+            dict(BM=64, BN=64, num_warps=4, num_stages=2, WD=True),
+            dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=3)],
+    "bwd": [None,  # infonce fwd+bwd
+            dict(BM=64, BN=32, num_warps=8, num_stages=3, WD=True),
+            dict(BM=64, BN=64, num_warps=8, num_stages=2, WD=True),
+            dict(BM=64, BN=32, BK=64, BDO=512, num_warps=8, num_stages=2)],
+    "fwd_pair": [None,  # wbce (low-rank target) forward alone
+                 dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=4),  # old
+                 dict(BM=128, BN=32, num_warps=8, num_stages=2, WD=True),
+                 dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=4)],
+    "bwd_pair": [None,  # wbce fwd+bwd
+                 dict(BM=64, BN=64, BK=64, BDO=512, num_warps=8, num_stages=2),  # old
+                 dict(BM=64, BN=16, BK=64, BDO=512, num_warps=8, num_stages=2),
+                 dict(BM=64, BN=16, num_warps=8, num_stages=3, WD=True)],
+    "dbl": [None,  # infonce double backward, N = 8192
+            dict(BM=64, BN=32, BK=64, BDO=256, num_warps=8, num_stages=3),
+            dict(BM=64, BN=64, BK=64, BDO=128, num_warps=8, num_stages=2),
+            dict(BM=64, BN=64, BK=64, BDO=512, num_warps=8, num_stages=2)],
+    "dbl_pair": [None,  # wbce double backward, N = 8192
+                 dict(BM=64, BN=64, BK=64, BDO=256, num_warps=8, num_stages=2),  # old
+                 dict(BM=64, BN=16, BK=64, BDO=128, num_warps=8, num_stages=2)],
+}
+
+
+def _sweep_fn(stage, N, d):
+    import lors_fast
+    from lors_fast.ops import triton_backend as tb
+
+    pair = stage.endswith("_pair")
+    kind = "wbce" if pair else "infonce"
+    n = _sz(8192, 64) if stage.startswith("dbl") else N
+    img, txt, scale, tgt, bias, leaves = _problem(n, d, torch.bfloat16, kind, pair)
+    if stage == "fwd":
+        P = tb.TritonPrimitives()
+        return lambda: P.lse(img.detach(), txt.detach(), scale.detach(), None)
+    if stage == "fwd_pair":
+        def f():
+            with torch.no_grad():
+                return lors_fast.contrastive_loss(img, txt, scale, tgt, kind=kind, backend="triton")
+        return f
+    if stage.startswith("bwd"):
+        return _fwd_bwd(lors_fast.contrastive_loss, img, txt, scale, tgt, bias, leaves, kind, "triton")
+    return _dbl_fn(img, txt, scale, tgt, bias, leaves, kind)
+
+
 def sec_sweep(until):
     import lors_fast
     from lors_fast.ops import triton_backend as tb
 
     N, d = _sz(16384, 64), _sz(512, 32)
-    img, txt, scale, tgt, bias, leaves = _problem(N, d, torch.bfloat16, "infonce", False)
     P = tb.TritonPrimitives()
-    fwd_c = [dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=3, FUSED=True),
-             dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3, FUSED=True),
-             dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3, FUSED=False),
-             dict(BM=128, BN=64, BK=64, num_warps=4, num_stages=4, FUSED=False),
-             dict(BM=64, BN=128, BK=128, num_warps=4, num_stages=2, FUSED=True)]
-    bwd_c = [dict(BM=64, BN=64, BK=64, BDO=512, num_warps=8, num_stages=2),
-             dict(BM=64, BN=64, BK=128, BDO=512, num_warps=8, num_stages=2),
-             dict(BM=64, BN=128, BK=64, BDO=512, num_warps=8, num_stages=2),
-             dict(BM=128, BN=64, BK=64, BDO=512, num_warps=16, num_stages=2),
-             dict(BM=64, BN=64, BK=64, BDO=512, num_warps=8, num_stages=3),
-             dict(BM=128, BN=128, BK=64, BDO=256, num_warps=8, num_stages=2)]
-    dbl_c = [dict(BM=64, BN=64, BK=64, BDO=256, num_warps=8, num_stages=2),
-             dict(BM=64, BN=64, BK=64, BDO=512, num_warps=8, num_stages=2),
-             dict(BM=64, BN=64, BK=32, BDO=512, num_warps=8, num_stages=2)]
-    small = _problem(_sz(8192, 64), d, torch.bfloat16, "infonce", False)
     best = {}
-    for stage, cands in (("fwd", fwd_c), ("bwd", bwd_c), ("dbl", dbl_c)):
+    for stage, cands in SWEEP.items():
         times = []
+        fn = _sweep_fn(stage, N, d)
         for c in cands:
             if el() > until:
                 break
-            c = dict(c)
-            fused = c.pop("FUSED", True)
-            tb.FWD_FUSED_COLUMNS = fused
-            tb.CONFIG_OVERRIDE[(stage, "bfloat16")] = c
+            key = (stage, "bfloat16")
+            if c is None:
+                tb.CONFIG_OVERRIDE.pop(key, None)
+            else:
+                tb.CONFIG_OVERRIDE[key] = dict(c)
+            shown = "default" if c is None else c
             try:
-                if stage == "fwd":
-                    fn = lambda: P.lse(img.detach(), txt.detach(), scale.detach(), None)  # noqa: E731
-                elif stage == "bwd":
-                    fn = _fwd_bwd(lors_fast.contrastive_loss, img, txt, scale, tgt, bias, leaves, "infonce",
-                                  "triton")
-                else:
-                    fn = _dbl_fn(*small[:5], small[5], "infonce")
                 fn()
                 ms = bench(fn, warmup=3, rep=30)
-                times.append((ms[0], c, fused))
-                RES["sweep"].append(dict(stage=stage, config=c, fused_columns=fused, N=N, d=d, ms=ms))
-                log(f"sweep {stage} {c} fused={fused}: {ms[0]:.3f} ms")
+                times.append((ms[0], c))
+                RES["sweep"].append(dict(stage=stage, config=shown, N=N, d=d, ms=ms))
+                log(f"sweep {stage} {shown}: {ms[0]:.3f} ms")
             except Exception as e:
-                RES["sweep"].append(dict(stage=stage, config=c, error=f"{type(e).__name__}: {e}"))
-                log(f"sweep {stage} {c}: {type(e).__name__}: {str(e)[:200]}")
+                RES["sweep"].append(dict(stage=stage, config=shown, error=f"{type(e).__name__}: {e}"))
+                log(f"sweep {stage} {shown}: {type(e).__name__}: {str(e)[:200]}")
+        tb.CONFIG_OVERRIDE.pop((stage, "bfloat16"), None)
         if times:
-            ms_, c_, fused_ = min(times, key=lambda t: t[0])
-            best[stage] = dict(c_, FUSED=fused_) if stage == "fwd" else c_
-            tb.CONFIG_OVERRIDE[(stage, "bfloat16")] = c_
-            if stage == "fwd":
-                tb.FWD_FUSED_COLUMNS = fused_
-        else:
-            tb.CONFIG_OVERRIDE.pop((stage, "bfloat16"), None)
-            tb.FWD_FUSED_COLUMNS = True
-    RES["sweep_best"] = {k: v for k, v in best.items()}
+            ms_, c_ = min(times, key=lambda t: t[0])
+            best[stage] = "default" if c_ is None else c_
+            if c_ is not None:
+                tb.CONFIG_OVERRIDE[(stage, "bfloat16")] = dict(c_)
+    RES["sweep_best"] = dict(best)
     log(f"sweep best: {best}")
     # rank-r target tiles of wbce in fp32 (tf32) or in bf16 (LOWRANK_16BIT): keep the faster
     imgw, txtw, scw, tgtw, biw, lvw = _problem(N, d, torch.bfloat16, "wbce", True)
@@ -489,6 +521,8 @@ def time_row(provider, kind, lowrank, N, d, dtype, until, double=False):
         fn_loss, backend = lors_fast.contrastive_loss, "triton"
     elif provider == "eager":
         fn_loss, backend = lors_fast.contrastive_loss, "reference"
+    elif provider == "streaming":  # our chunked torch path (cuBLAS GEMMs on row chunks), O(chunk·N) memory
+        fn_loss, backend = lors_fast.contrastive_loss, "streaming"
     elif provider == "compile":
         key = (kind, lowrank)
         if key not in _COMPILED:
@@ -547,7 +581,7 @@ def _try(*a, **k):
 def sec_targets(until):
     bf = torch.bfloat16
     for kind, lr in (("infonce", False), ("wbce", True)):
-        for prov in ("triton", "eager"):
+        for prov in ("triton", "eager", "streaming"):
             _try(prov, kind, lr, 32768, 512, bf, until)
     _try("triton", "infonce", True, 32768, 512, bf, until)
     _try("triton", "siglip", False, 32768, 512, bf, until)
@@ -856,14 +890,14 @@ def main():
     try:
         run_section("meta", sec_meta, BUDGET)
         run_section("ceiling", sec_ceiling, 20)
-        run_section("correctness", sec_correctness, float(os.environ.get("GPU_CHECK_CORR_UNTIL", "80")))
-        run_section("sweep", sec_sweep, 125)
-        run_section("postcheck (sweep's configs)", sec_postcheck, 140)
-        run_section("targets", sec_targets, 182)
-        run_section("compile", sec_compile, 212)
+        run_section("correctness", sec_correctness, float(os.environ.get("GPU_CHECK_CORR_UNTIL", "65")))
+        run_section("sweep", sec_sweep, 160)
+        run_section("postcheck (sweep's configs)", sec_postcheck, 172)
+        run_section("targets", sec_targets, 215)
+        run_section("compile", sec_compile, 235)
         # a ~20 s slice for Inf-CL / open_clip before the grid (which fills what is left), kept even when the
         # compile section overran its end
-        run_section("providers", sec_providers, min(max(232.0, el() + 20), BUDGET - 30))
+        run_section("providers", sec_providers, min(max(255.0, el() + 20), BUDGET - 15))
         run_section("grid", sec_grid, BUDGET - 15)
     finally:
         write_report()
