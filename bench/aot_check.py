@@ -97,6 +97,8 @@ def constexprs(stage, kind, tgt, dtype, D, override=None):
                  LDT={torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(dtype, ACC), LR16=False)
     if stage == "fwd":
         c["FUSE_COLS"] = kind == "lse"
+    if stage == "pre":
+        c["FUSE_COLS"] = True  # the backend's default (DBL_FUSED_PRE)
     if stage in ("bwd", "dbl"):
         c.update(PRIMARY=True, BDO=cfg.BDO)
     return c, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), cfg

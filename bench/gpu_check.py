@@ -374,13 +374,12 @@ SWEEP = {
                  dict(BM=64, BN=64, BK=64, BDO=512, num_warps=8, num_stages=2),  # old
                  dict(BM=64, BN=16, BK=64, BDO=512, num_warps=8, num_stages=2),
                  dict(BM=64, BN=16, num_warps=8, num_stages=3, WD=True)],
-    "dbl": [None,  # infonce double backward, N = 8192
-            dict(BM=64, BN=32, BK=64, BDO=256, num_warps=8, num_stages=3),
-            dict(BM=64, BN=64, BK=64, BDO=128, num_warps=8, num_stages=2),
-            dict(BM=64, BN=64, BK=64, BDO=512, num_warps=8, num_stages=2)],
-    "dbl_pair": [None,  # wbce double backward, N = 8192
+    "dbl": [None,  # infonce double backward, N = 8192 (spills: default 272 B, the others none)
+            dict(BM=64, BN=32, BK=64, BDO=256, num_warps=8, num_stages=2),
+            dict(BM=64, BN=16, BK=64, BDO=512, num_warps=8, num_stages=2)],  # one d-chunk: 5 GEMMs/pass, not 8
+    "dbl_pair": [None,  # wbce double backward, N = 8192 (spills: default 320 B, old 3528 B before the merged dot)
                  dict(BM=64, BN=64, BK=64, BDO=256, num_warps=8, num_stages=2),  # old
-                 dict(BM=64, BN=16, BK=64, BDO=128, num_warps=8, num_stages=2)],
+                 dict(BM=64, BN=16, BK=64, BDO=256, num_warps=8, num_stages=2)],
 }
 
 

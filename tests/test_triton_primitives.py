@@ -302,6 +302,20 @@ def test_whole_d_layout_fp16_native_operands(whole_d, monkeypatch):
             1e-2, 1e-4, "WD lse fp16")
 
 
+@pytest.mark.parametrize("how", ["flag-off", "over-cap"])
+def test_lse_double_backward_two_pass_pre(monkeypatch, how):
+    # the unfused pre-pass (ρ and κ in two sweeps), taken when asked or when the partials buffer is too big
+    import lors_fast.ops.triton_backend as tb
+
+    if how == "flag-off":
+        monkeypatch.setattr(tb, "DBL_FUSED_PRE", False)
+    else:
+        monkeypatch.setattr(tb, "DBL_FUSED_PRE_MAX_BYTES", 0)
+    U, V, s, b, _ = make_inputs(30, 70, 24, 1, F64, seed=14, lowrank=False)
+    kin, oin = _leaves(U, V, s, b, None, F64, DEV)
+    compare(lambda: P_EXACT.lse(*kin[:4]), lambda: oracle_lse(*oin[:4]), kin, oin, *TOL[F64], f"lse pre {how}")
+
+
 def test_extreme_logits_finite():
     # large scale: saturated sigmoids, bce clamp active, LSE far from 0
     U, V, s, b, tgt = make_inputs(20, 20, 16, 2, F64, seed=6, scale=300.0)

@@ -39,7 +39,7 @@ import os
 import torch
 
 __all__ = ["TritonPrimitives", "FP32_PRECISION", "LOWRANK_PRECISION", "LOWRANK_16BIT", "FWD_FUSED_COLUMNS",
-           "CONFIG_OVERRIDE"]
+           "DBL_FUSED_PRE", "CONFIG_OVERRIDE"]
 
 FP32_PRECISION = "tf32"
 LOWRANK_PRECISION: str | None = None  # None: "ieee" with exact GEMMs, else "tf32"
@@ -55,6 +55,12 @@ FWD_FUSED_COLUMNS = True
 # LOWRANK_PRECISION (False, the default measured on GPU) or in the 16-bit input dtype with a hi/lo split for
 # S (True: tested under the interpreter with fp16, not yet measured on a GPU — see bench/RESULTS_GPU.md).
 LOWRANK_16BIT = False
+
+# LSE double backward: the pre-pass computes the row quantity ρ and the column quantity κ in one row pass
+# (True; κ from a transient (M/BM)·N fp32 buffer of per-row-block partials, used while it stays under
+# DBL_FUSED_PRE_MAX_BYTES) or in two passes (False: a second GEMM sweep, no buffer).
+DBL_FUSED_PRE = True
+DBL_FUSED_PRE_MAX_BYTES = 64 * 2**20
 
 # The whole-d layout (WD) keeps a (BM × DP) row block resident: beyond DP = 512 (d > 512) it cannot fit the
 # 227 KiB of shared memory of an H100/H200 next to its column tiles (bench/aot_check.py), so configs asking
@@ -316,16 +322,24 @@ def _lse_double(c: _Ctx, lr, lc, glr, glc, Ub, Vb, sbar, bbar):
     sb = _scalar(sbar, c.acc, c.device)
     bb = _scalar(bbar, c.acc, c.device)
     rho = torch.empty(c.M, dtype=c.acc, device=c.device)
-    kap = torch.empty(c.N, dtype=c.acc, device=c.device)
     pre = dict(BM=pcfg.BM, BN=pcfg.BN, BK=pcfg.BK, UPCAST=c.upcast, PREC=c.prec, ACC=c.ACC, **_launch_kw(pcfg))
     gU = torch.empty_like(c.U)
     gV = torch.empty_like(c.V)
     nbm, nbn, nd, ps, pb, common = c.pass_setup(cfg)
+    pbm = triton_cdiv(c.M, pcfg.BM)
+    fused = DBL_FUSED_PRE and pbm * c.N * 4 <= DBL_FUSED_PRE_MAX_BYTES
     with _guard(c.device):
-        K._dbl_pre_kernel[(triton_cdiv(c.M, pcfg.BM),)](c.U, c.V, Ub, Vb, c.M, c.N, c.D, c.s, c.b, sb, bb,
-                                                         lr, rho, **pre)
-        K._dbl_pre_kernel[(triton_cdiv(c.N, pcfg.BM),)](c.V, c.U, Vb, Ub, c.N, c.M, c.D, c.s, c.b, sb, bb,
-                                                         lc, kap, **pre)
+        if fused:  # ρ and κ in one row pass; κ from per-row-block partials
+            cp = torch.empty(pbm, c.N, dtype=c.acc, device=c.device)
+            K._dbl_pre_kernel[(pbm,)](c.U, c.V, Ub, Vb, c.M, c.N, c.D, c.s, c.b, sb, bb, lr, rho, lc, cp,
+                                      FUSE_COLS=True, **pre)
+            kap = cp.sum(0)
+        else:
+            kap = torch.empty(c.N, dtype=c.acc, device=c.device)
+            K._dbl_pre_kernel[(pbm,)](c.U, c.V, Ub, Vb, c.M, c.N, c.D, c.s, c.b, sb, bb, lr, rho, d, d,
+                                      FUSE_COLS=False, **pre)
+            K._dbl_pre_kernel[(triton_cdiv(c.N, pcfg.BM),)](c.V, c.U, Vb, Ub, c.N, c.M, c.D, c.s, c.b, sb, bb,
+                                                             lc, kap, d, d, FUSE_COLS=False, **pre)
         K._dbl_kernel[(nbm, nd)](c.U, c.V, Ub, Vb, c.M, c.N, c.D, c.s, c.b, sb, bb, d, d, d, d, d, d, 1, d,
                                  lr, lc, glr, glc, rho, kap, d, gU, d, d, ps, pb, d, PRIMARY=True, **common)
         K._dbl_kernel[(nbn, nd)](c.V, c.U, Vb, Ub, c.N, c.M, c.D, c.s, c.b, sb, bb, d, d, d, d, d, d, 1, d,

@@ -61,6 +61,20 @@ def _ld_t(ptr, rows, cols, nr, nc, ld, UPCAST: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
+def _ld_pairs(B, Bb, n0, cols, N, D, BN: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr):
+    """The (2·BN × len(cols)) tile whose row 2j is B[n0 + j, cols] and row 2j + 1 is B̄[n0 + j, cols] (zero
+    padded): the right operand matching tl.join(c1, c2).reshape(BM, 2·BN)."""
+    r2 = tl.arange(0, 2 * BN)
+    rows = n0 + (r2 // 2).to(tl.int64)
+    base = tl.where(r2 % 2 == 0, B, Bb)
+    msk = (rows[:, None] < N) & (cols[None, :] < D)
+    x = tl.load(base[:, None] + rows[:, None] * D + cols[None, :], mask=msk, other=0.0)
+    if UPCAST:
+        x = x.to(ACC)
+    return x
+
+
+@triton.jit
 def _x_tile(A, B, offs_m, offs_n, M, N, D, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
             UPCAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
     """X = A[offs_m] · B[offs_n]ᵀ, looping over d."""
@@ -353,10 +367,14 @@ def _bwd_kernel(A, B, M, N, D, sc_ptr, bi_ptr, La, Lb, a_ptr, r, w_ptr,
 
 
 @triton.jit(do_not_specialize=["M", "N"])
-def _dbl_pre_kernel(A, B, Ab, Bb, M, N, D, sc_ptr, bi_ptr, sbar_ptr, bbar_ptr, lse_a, rho,
+def _dbl_pre_kernel(A, B, Ab, Bb, M, N, D, sc_ptr, bi_ptr, sbar_ptr, bbar_ptr, lse_a, rho, lse_b, cpart,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
-                    PREC: tl.constexpr, ACC: tl.constexpr, WD: tl.constexpr, DP: tl.constexpr):
-    """LSE double backward pre-pass: ρ_i = Σ_j p_ij W_ij, W = s(Ā·Bᵀ + A·B̄ᵀ) + s̄·A·Bᵀ + b̄."""
+                    PREC: tl.constexpr, ACC: tl.constexpr, WD: tl.constexpr, DP: tl.constexpr,
+                    FUSE_COLS: tl.constexpr):
+    """LSE double backward pre-pass: ρ_i = Σ_j p_ij W_ij, W = s(Ā·Bᵀ + A·B̄ᵀ) + s̄·A·Bᵀ + b̄, p the row
+    softmax. FUSE_COLS: also the column quantity κ_j = Σ_i q_ij W_ij (q the column softmax, from the column
+    LSE lse_b) as per-(row block, column) partial sums in cpart, summed in torch — one pass instead of a
+    second one with the roles swapped."""
     pid = tl.program_id(0).to(tl.int64)
     offs_m = pid * BM + tl.arange(0, BM)
     rmask = offs_m < M
@@ -379,9 +397,14 @@ def _dbl_pre_kernel(A, B, Ab, Bb, M, N, D, sc_ptr, bi_ptr, sbar_ptr, bbar_ptr, l
             x, t, bw, bbw = _xt_tiles_wd(a_res, ab_res, B, Bb, offs_n, N, D, BM, BN, DP, UPCAST, PREC, ACC)
         else:
             x, t = _xt_tiles(A, B, Ab, Bb, offs_m, offs_n, M, N, D, BM, BN, BK, UPCAST, PREC, ACC)
-        p = tl.exp2(x * s2 + b2 - lra[:, None])
+        z2 = x * s2 + b2
+        p = tl.exp2(z2 - lra[:, None])
         W = s * t + sbar * x + bbar
         acc += tl.sum(tl.where(valid, p * W, 0.0), 1)
+        if FUSE_COLS:
+            lrb = tl.load(lse_b + offs_n, mask=cmask, other=0.0).to(ACC) * 1.4426950408889634
+            q = tl.exp2(z2 - lrb[None, :])
+            tl.store(cpart + pid * N + offs_n, tl.sum(tl.where(valid, q * W, 0.0), 0), mask=cmask)
     tl.store(rho + offs_m, acc, mask=rmask)
 
 
@@ -474,15 +497,22 @@ def _dbl_kernel(A, B, Ab, Bb, M, N, D, sc_ptr, bi_ptr, sbar_ptr, bbar_ptr,
             G = tl.where(valid, g * f1, 0.0)
         c1 = s * dZ + sbar * G
         c2 = s * G
-        if not WD:
-            bv = _ld(B, offs_n, offs_do, N, D, D, UPCAST, ACC)
-            bbv = _ld(Bb, offs_n, offs_do, N, D, D, UPCAST, ACC)
-        if UPCAST:
-            acc = _dot(c1, bv, acc, UPCAST, PREC)
-            acc = _dot(c2, bbv, acc, UPCAST, PREC)
+        if WD:
+            if UPCAST:
+                acc = _dot(c1, bv, acc, UPCAST, PREC)
+                acc = _dot(c2, bbv, acc, UPCAST, PREC)
+            else:
+                acc = _dot(c1.to(B.dtype.element_ty), bv, acc, UPCAST, PREC)
+                acc = _dot(c2.to(Bb.dtype.element_ty), bbv, acc, UPCAST, PREC)
         else:
-            acc = _dot(c1.to(B.dtype.element_ty), bv, acc, UPCAST, PREC)
-            acc = _dot(c2.to(Bb.dtype.element_ty), bbv, acc, UPCAST, PREC)
+            # c1·B + c2·B̄ as ONE dot with K = 2·BN (two chained dots into one accumulator made the compiler
+            # keep a second copy of it: thousands of bytes of spills per thread on sm_90a, see aot_check.py)
+            cc = tl.join(c1, c2).reshape(BM, 2 * BN)  # column 2j = c1[:, j], column 2j + 1 = c2[:, j]
+            bb2 = _ld_pairs(B, Bb, n0, offs_do, N, D, BN, UPCAST, ACC)
+            if UPCAST:
+                acc = _dot(cc, bb2, acc, UPCAST, PREC)
+            else:
+                acc = _dot(cc.to(B.dtype.element_ty), bb2, acc, UPCAST, PREC)
         if PRIMARY:
             accs += tl.sum(dZ * x + G * t, 1)
             accb += tl.sum(dZ, 1)
