@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Compile the fused Triton kernels for a Hopper GPU (sm_90a: H100/H200) on a machine without one.
 
-    python bench/aot_check.py [--d 512 768] [--dtype bfloat16 float32] [--candidates] [--md FILE]
+    python bench/aot_check.py [--d 512] [--dtype bfloat16 float32] [--candidates] [--md FILE] [--json FILE]
 
 Triton's compiler and the ptxas it ships run on any x86 machine: this script builds every kernel
 specialisation the backend launches (stage × loss kind × target × dtype × d, with the launch config
@@ -39,21 +39,9 @@ KINDS = {"lse": 0, "bce": 1, "wbce": 2, "mse": 3, "softplus": 4}
 # target; the low-rank kinds: wbce/bce/mse with TGT = 1)
 CASES = [("fwd", "lse", 0), ("fwd", "wbce", 1), ("bwd", "lse", 0), ("bwd", "wbce", 1),
          ("pre", "lse", 0), ("dbl", "lse", 0), ("dbl", "wbce", 1)]
-# configs worth a GPU timing besides the defaults (WD: the resident-row-block layout of triton_kernels)
-CANDIDATES = {
-    "fwd": [dict(BM=64, BN=64, num_warps=4, num_stages=2, WD=True),
-            dict(BM=64, BN=64, num_warps=8, num_stages=2, WD=True),
-            dict(BM=128, BN=32, num_warps=8, num_stages=2, WD=True),
-            dict(BM=64, BN=32, num_warps=4, num_stages=3, WD=True)],
-    "bwd": [dict(BM=64, BN=64, num_warps=8, num_stages=2, WD=True),
-            dict(BM=64, BN=32, num_warps=8, num_stages=3, WD=True),
-            dict(BM=64, BN=32, num_warps=8, num_stages=2, WD=True),
-            dict(BM=64, BN=64, num_warps=8, num_stages=1, WD=True)],
-    "pre": [dict(BM=64, BN=32, num_warps=8, num_stages=2, WD=True)],
-    "dbl": [dict(BM=64, BN=32, num_warps=8, num_stages=2, WD=True),
-            dict(BM=64, BN=32, num_warps=8, num_stages=1, WD=True),
-            dict(BM=32, BN=32, num_warps=4, num_stages=2, WD=True)],
-}
+# the kernel stage, kind and target each config stage of the sweep is built for
+SWEEP_CASES = {"fwd": ("fwd", "lse", 0), "bwd": ("bwd", "lse", 0), "dbl": ("dbl", "lse", 0),
+               "fwd_pair": ("fwd", "wbce", 1), "bwd_pair": ("bwd", "wbce", 1), "dbl_pair": ("dbl", "wbce", 1)}
 _PTXAS = None
 
 
@@ -171,26 +159,37 @@ HEADER = ("| stage | kind/target | dtype | d | config | | shared | regs | spill 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--d", type=int, nargs="+", default=[512, 768])
+    ap.add_argument("--d", type=int, nargs="+", default=[512],
+                    help="d is a runtime argument: it changes the build only through WD's padded DP and BDO")
     ap.add_argument("--dtype", nargs="+", default=["bfloat16"])
-    ap.add_argument("--candidates", action="store_true", help="also the CANDIDATES configs (bf16 only)")
+    ap.add_argument("--candidates", action="store_true",
+                    help="instead of the defaults: the GPU sweep's candidates (bench/_candidates.py), bf16")
     ap.add_argument("--stages", nargs="+", default=None)
     ap.add_argument("--md", default=None, help="append the table to this markdown file")
     ap.add_argument("--json", default=None, help="write the rows to this JSON file")
     a = ap.parse_args(argv)
     rows = []
     print(HEADER, flush=True)
+    if a.candidates:
+        from _candidates import SWEEP
+
+        for key, cands in SWEEP.items():
+            stage, kind, tgt = SWEEP_CASES[key]
+            for ov in cands:
+                for D in a.d:
+                    row = compile_one(stage, kind, tgt, torch.bfloat16, D, ov)
+                    rows.append(row)
+                    print(fmt(row), flush=True)
+        a.dtype = []
     for dt in a.dtype:
         dtype = getattr(torch, dt)
         for D in a.d:
             for stage, kind, tgt in CASES:
                 if a.stages and stage not in a.stages:
                     continue
-                confs = [None] + (CANDIDATES[stage] if a.candidates and dtype != torch.float32 else [])
-                for ov in confs:
-                    row = compile_one(stage, kind, tgt, dtype, D, ov)
-                    rows.append(row)
-                    print(fmt(row), flush=True)
+                row = compile_one(stage, kind, tgt, dtype, D)
+                rows.append(row)
+                print(fmt(row), flush=True)
     if a.md:
         with open(a.md, "a") as f:
             f.write(HEADER + "\n" + "\n".join(fmt(r) for r in rows) + "\n")

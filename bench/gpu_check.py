@@ -353,34 +353,7 @@ def _dbl_fn(img, txt, scale, tgt, bias, leaves, kind):
     return fn
 
 
-# Candidate launch configs per kernel stage (triton_backend._config), bf16. None = the backend's default. Picked
-# with bench/aot_check.py (an sm_90a build here: every one compiles, fits shared memory and spills little; the
-# table is bench/RESULTS_AOT.md); "old" = the default before that analysis. Each stage keeps its fastest
-# (written to CONFIG_OVERRIDE, so the later stages and every timing below run with it).
-SWEEP = {
-    "fwd": [None,  # LSE forward alone (infonce)
-            dict(BM=128, BN=32, num_warps=8, num_stages=2, WD=True),
-            dict(BM=64, BN=64, num_warps=4, num_stages=2, WD=True),
-            dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=3)],
-    "bwd": [None,  # infonce fwd+bwd
-            dict(BM=64, BN=32, num_warps=8, num_stages=3, WD=True),
-            dict(BM=64, BN=64, num_warps=8, num_stages=2, WD=True),
-            dict(BM=64, BN=32, BK=64, BDO=512, num_warps=8, num_stages=2)],
-    "fwd_pair": [None,  # wbce (low-rank target) forward alone
-                 dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=4),  # old
-                 dict(BM=128, BN=32, num_warps=8, num_stages=2, WD=True),
-                 dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=4)],
-    "bwd_pair": [None,  # wbce fwd+bwd
-                 dict(BM=64, BN=64, BK=64, BDO=512, num_warps=8, num_stages=2),  # old
-                 dict(BM=64, BN=16, BK=64, BDO=512, num_warps=8, num_stages=2),
-                 dict(BM=64, BN=16, num_warps=8, num_stages=3, WD=True)],
-    "dbl": [None,  # infonce double backward, N = 8192 (spills: default 272 B, the others none)
-            dict(BM=64, BN=32, BK=64, BDO=256, num_warps=8, num_stages=2),
-            dict(BM=64, BN=16, BK=64, BDO=512, num_warps=8, num_stages=2)],  # one d-chunk: 5 GEMMs/pass, not 8
-    "dbl_pair": [None,  # wbce double backward, N = 8192 (spills: default 320 B, old 3528 B before the merged dot)
-                 dict(BM=64, BN=64, BK=64, BDO=256, num_warps=8, num_stages=2),  # old
-                 dict(BM=64, BN=16, BK=64, BDO=256, num_warps=8, num_stages=2)],
-}
+from _candidates import SWEEP  # noqa: E402  (candidate launch configs per kernel stage, shared with aot_check)
 
 
 def _sweep_fn(stage, N, d):
