@@ -55,13 +55,21 @@ def resolve_backend(backend: str, device: torch.device, kind: str = "infonce",
     return backend
 
 
+def _finite(t) -> bool:
+    """Finiteness check of an input (a host sync). Skipped while torch.compile traces: a data-dependent branch
+    would break the graph; compiled code trades this early error for the speed it asked for."""
+    if getattr(torch, "compiler", None) is not None and torch.compiler.is_compiling():
+        return True
+    return bool(torch.isfinite(t.detach()).all())
+
+
 def _check_scalar(name, x, like):
     if isinstance(x, torch.Tensor):
         if x.numel() != 1:
             raise ValueError(f"{name} must be a scalar (float or 0-dim tensor), got shape {tuple(x.shape)}")
         if x.device != like.device:
             raise ValueError(f"{name} is on {x.device} but the features are on {like.device}")
-        if not torch.isfinite(x.detach()).all():
+        if not _finite(x):
             raise ValueError(f"{name} must be finite, got {x.item()}")
         return x.reshape(()).to(like.dtype)
     if isinstance(x, bool) or not isinstance(x, (int, float)):
@@ -80,7 +88,7 @@ def _check_tensor(name, t, like, shape):
         raise ValueError(f"{name} is on {t.device} but the features are on {like.device}")
     if t.dtype != like.dtype:
         raise ValueError(f"{name} has dtype {t.dtype} but the features have dtype {like.dtype}")
-    if not torch.isfinite(t.detach()).all():
+    if not _finite(t):
         raise ValueError(f"{name} contains non-finite values (nan or inf)")
 
 
@@ -104,7 +112,7 @@ def _validate(U, V, target, kind):
     if U.device != V.device:
         raise ValueError(f"image_features on {U.device} but text_features on {V.device}")
     for name, t in (("image_features", U), ("text_features", V)):
-        if not torch.isfinite(t.detach()).all():
+        if not _finite(t):
             raise ValueError(f"{name} contains non-finite values (nan or inf)")
     if kind not in KINDS:
         raise ValueError(f"unknown loss kind {kind!r}; expected one of {KINDS}")

@@ -1,23 +1,24 @@
-"""`TritonPrimitives`: the fused Triton backend of the loss core (docs/DESIGN.md).
+"""The fused Triton backend of the loss core (docs/DESIGN.md): launch configs, and the launchers of the
+kernels in :mod:`triton_kernels`. The public face, ``TritonPrimitives`` (re-exported here), and the custom
+operators that give the launchers their autograd and ``torch.compile`` support live in :mod:`triton_ops`.
 
 * ``lse(U, V, scale, bias)`` → (row LSE (M,), column LSE (N,)) of Z = scale·U·Vᵀ + bias.
 * ``pairsum(kind, U, V, scale, bias, target, npos, nneg)`` → Σ_ij φ_kind(Z_ij, S_ij) (0-dim).
 * ``count_pos(target, n)`` → #{S_ij > 0.5} (float64 0-dim, no grad).
 
-Each primitive is an autograd Function whose backward is itself an autograd Function with a hand-written
-fused double backward, so ``torch.autograd.grad(..., create_graph=True)`` followed by a second grad is exact
-w.r.t. U, V, scale, bias and the low-rank factors. The forward saves only O(N) statistics (row/column LSE);
-its fused column LSE uses a transient (M/BM)·N fp32 buffer of per-row-block partials (``FWD_FUSED_COLUMNS``;
-False: a second row pass instead, no buffer). The backward and double backward recompute N×N tiles in a
-row-block pass and a column-block pass (the column pass is the row kernel with the roles of U and V swapped).
-No N×N buffer, no atomics: scalar gradients are per-program partials summed in torch (deterministic).
+Each primitive has a forward, a backward and a hand-written fused double backward launcher, so
+``torch.autograd.grad(..., create_graph=True)`` followed by a second grad is exact w.r.t. U, V, scale, bias and
+the low-rank factors. The forward saves only O(N) statistics (row/column LSE); its fused column LSE uses a
+transient (M/BM)·N fp32 buffer of per-row-block partials (``FWD_FUSED_COLUMNS``; False: a second row pass
+instead, no buffer). The backward and double backward recompute N×N tiles in a row-block pass and a
+column-block pass (the column pass is the row kernel with the roles of U and V swapped). No N×N buffer, no
+atomics: scalar gradients are per-program partials summed in torch (deterministic).
 
 Launch configs are heuristics per stage, kernel family (LSE or pair kinds) and dtype (the 16-bit LSE ones: the
 best of bench/gpu_check.py's sweep on an H200; the pair kinds' tiles: the non-spilling ones of an sm_90a build by
-bench/aot_check.py), not ``triton.autotune``: every (kind, target, pass) is its own kernel specialisation, and autotuning
-each would cost minutes of compilation; M and N are not specialised on (no recompile when the batch changes).
-``CONFIG_OVERRIDE`` replaces them (benchmarks). Under ``torch.compile`` the primitives run eagerly (graph
-breaks); second derivatives through compiled regions are a torch.compile limitation.
+bench/aot_check.py), not ``triton.autotune``: every (kind, target, pass) is its own kernel specialisation,
+and autotuning each would cost minutes of compilation; M and N are not specialised on (no recompile when the batch changes).
+``CONFIG_OVERRIDE`` replaces them (benchmarks, tests).
 
 Dense targets are not fused: they are delegated to the chunked torch backend
 (:class:`lors_fast.streaming.StreamingPrimitives`), which is O(N²) in memory anyway because of S itself.
@@ -25,7 +26,8 @@ Dense targets are not fused: they are delegated to the chunked torch backend
 Kernels run on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was first
 imported (tests). Triton itself is imported lazily, at the first call.
 
-Precision: inputs fp32/bf16/fp16 (and fp64 in the interpreter, for exact tests; on CUDA fp64 goes to the streaming path) with fp32 (fp64) accumulation. ``FP32_PRECISION``
+Precision: inputs fp32/bf16/fp16 (and fp64 in the interpreter, for exact tests; on CUDA fp64 goes to the
+streaming path) with fp32 (fp64) accumulation. ``FP32_PRECISION``
 selects the ``tl.dot`` input precision for fp32 inputs ("tf32" by default on GPU, "ieee" for exact tests; the
 argument ``fp32_precision=`` of ``TritonPrimitives`` overrides it); ``LOWRANK_PRECISION`` that of the rank-r
 target tiles (default: "ieee" when the main GEMMs are exact, "tf32" otherwise). ``count_pos`` is always exact.
@@ -240,16 +242,6 @@ class _Ctx:
         return torch.zeros(n, dtype=self.acc, device=self.device)
 
 
-def _eager(fn):
-    """torch.compile runs the primitives eagerly (a graph break around each call): dynamo cannot trace the
-    lazy kernel module, the host-side launch logic or the nested autograd Functions of the double backward;
-    the surrounding model code still compiles, and first/second derivatives are unchanged. Every launcher is
-    wrapped too: autograd calls the Functions' backward from graph-broken (eager) code, whose frames dynamo
-    would otherwise try to trace."""
-    disable = getattr(getattr(torch, "compiler", None), "disable", None)
-    return disable(fn) if disable is not None else fn
-
-
 def _guard(device):
     if device.type == "cuda":
         return torch.cuda.device(device.index)
@@ -259,7 +251,6 @@ def _guard(device):
 
 
 # ----------------------------------------------------------------------------------------------- LSE
-@_eager
 def _lse_forward(c: _Ctx):
     K = _kernels()
     cfg = c.cfg("fwd")
@@ -289,7 +280,6 @@ def triton_cdiv(a, b):
     return (a + b - 1) // b
 
 
-@_eager
 def _lse_backward(c: _Ctx, lr, lc, glr, glc):
     """(dU, dV, ds, db) of ⟨glr, lse_row⟩ + ⟨glc, lse_col⟩."""
     K = _kernels()
@@ -308,7 +298,6 @@ def _lse_backward(c: _Ctx, lr, lc, glr, glc):
     return dU, dV, ps.sum(), pb.sum()
 
 
-@_eager
 def _lse_double(c: _Ctx, lr, lc, glr, glc, Ub, Vb, sbar, bbar):
     """Grads of F = ⟨Ū, dU⟩ + ⟨V̄, dV⟩ + s̄·ds + b̄·db w.r.t. (U, V, s, b, glr, glc)."""
     K = _kernels()
@@ -347,57 +336,7 @@ def _lse_double(c: _Ctx, lr, lc, glr, glc, Ub, Vb, sbar, bbar):
     return gU, gV, ps.sum(), pb.sum(), rho, kap
 
 
-def _like(x, ref):
-    return None if ref is None else x.to(ref.dtype).reshape(ref.shape)
-
-
-class _LseFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, U, V, scale, bias, prec):
-        c = _Ctx(U, V, scale, bias, prec)
-        lr, lc = _lse_forward(c)
-        ctx.save_for_backward(U, V, scale, bias, lr, lc)
-        ctx.prec = prec
-        ctx.has_bias = bias is not None
-        return lr, lc
-
-    @staticmethod
-    def backward(ctx, glr, glc):
-        U, V, scale, bias, lr, lc = ctx.saved_tensors
-        dU, dV, ds, db = _LseBwdFn.apply(U, V, scale, bias, lr.detach(), lc.detach(), glr, glc, ctx.prec)
-        return dU, dV, ds, (db if ctx.has_bias else None), None
-
-
-class _LseBwdFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, U, V, scale, bias, lr, lc, glr, glc, prec):
-        c = _Ctx(U, V, scale, bias, prec)
-        dU, dV, ds, db = _lse_backward(c, lr, lc, glr, glc)
-        ctx.save_for_backward(U, V, scale, bias, lr, lc, glr, glc)
-        ctx.prec = prec
-        return dU, dV.to(V.dtype), _like(ds, scale), (_like(db, bias) if bias is not None else db)
-
-    @staticmethod
-    def backward(ctx, Ub, Vb, sbar, bbar):
-        U, V, scale, bias, lr, lc, glr, glc = ctx.saved_tensors
-        c = _Ctx(U, V, scale, bias, ctx.prec)
-        if bias is None:
-            bbar = None
-        gU, gV, gs, gb, rho, kap = _lse_double(c, lr, lc, glr, glc, Ub, Vb, sbar, bbar)
-        return (gU, gV.to(V.dtype), _like(gs, scale), _like(gb, bias) if bias is not None else None,
-                None, None, rho.to(glr.dtype), kap.to(glc.dtype), None)
-
-
 # ------------------------------------------------------------------------------------------ pairsum
-def _weights(kind, npos, nneg, c: _Ctx):
-    if kind != "wbce":
-        return c.dummy()
-    npos = float(npos) if not isinstance(npos, torch.Tensor) else npos.detach().to(torch.float64).cpu().item()
-    nneg = float(nneg) if not isinstance(nneg, torch.Tensor) else nneg.detach().to(torch.float64).cpu().item()
-    w = torch.tensor([0.5 / (npos + 1e-6), 0.5 / (nneg + 1e-6)], dtype=torch.float64)
-    return w.to(device=c.device, dtype=c.acc)
-
-
 def _lowrank_parts(target, c: _Ctx):
     """(TGT, a, Lc, R, r) as accumulation-dtype contiguous tensors (dummies for the identity)."""
     if target is None:
@@ -408,7 +347,6 @@ def _lowrank_parts(target, c: _Ctx):
     return 1, cv(a), cv(lc), cv(r_), lc.shape[1]
 
 
-@_eager
 def _pair_forward(c: _Ctx, kind, target, w):
     K = _kernels()
     cfg = c.cfg("fwd", pair=True)
@@ -424,7 +362,6 @@ def _pair_forward(c: _Ctx, kind, target, w):
     return part.sum()
 
 
-@_eager
 def _pair_backward(c: _Ctx, kind, target, w, g):
     """(dU, dV, ds, db, da, dLc, dR) of g·Σφ."""
     K = _kernels()
@@ -451,7 +388,6 @@ def _pair_backward(c: _Ctx, kind, target, w, g):
     return dU, dV, ps.sum(), pb.sum(), da, dL, dR
 
 
-@_eager
 def _pair_double(c: _Ctx, kind, target, w, g, Ub, Vb, sbar, bbar, abar, Lbar, Rbar):
     K = _kernels()
     cfg = c.cfg("dbl", pair=True)
@@ -487,131 +423,21 @@ def _pair_double(c: _Ctx, kind, target, w, g, Ub, Vb, sbar, bbar, abar, Lbar, Rb
     return gU, gV, ps.sum(), pb.sum(), pg.sum(), ga, gL, gR
 
 
-def _tgt(a, Lc, R):
-    return None if a is None else ("lowrank", a, Lc, R)
+def _count_pos(a, lc, r_, n: int):
+    """#{S_ij > 0.5} for S = diag(a) + Lc·Rᵀ, exact (fp32/fp64 target tiles in IEEE precision), float64 0-dim."""
+    K = _kernels()
+    acc = _acc_dtype(lc.dtype)
+    _, _, ACC = _flags(acc, "ieee")
+    cv = lambda t: t.detach().to(acc).contiguous()  # noqa: E731
+    BM = 64
+    BN = 64 if a.device.type != "cuda" else 128
+    nb = triton_cdiv(n, BM)
+    part = torch.zeros(nb, dtype=torch.int32, device=a.device)
+    r = lc.shape[1]
+    with _guard(a.device):
+        K._count_kernel[(nb,)](cv(lc), cv(r_), cv(a), n, r, part, BM=BM, BN=BN, RP=_rp(r), LR_PREC=_lr_prec(acc),
+                               ACC=ACC)
+    return part.to(torch.float64).sum()
 
 
-class _PairFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, U, V, scale, bias, a, Lc, R, kind, w, prec):
-        c = _Ctx(U, V, scale, bias, prec)
-        out = _pair_forward(c, kind, _tgt(a, Lc, R), w)
-        ctx.save_for_backward(U, V, scale, bias, a, Lc, R, w)
-        ctx.kind, ctx.prec = kind, prec
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        U, V, scale, bias, a, Lc, R, w = ctx.saved_tensors
-        outs = _PairBwdFn.apply(U, V, scale, bias, a, Lc, R, g, ctx.kind, w, ctx.prec)
-        dU, dV, ds, db, da, dL, dR = outs
-        return dU, dV, ds, db, da, dL, dR, None, None, None
-
-
-class _PairBwdFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, U, V, scale, bias, a, Lc, R, g, kind, w, prec):
-        c = _Ctx(U, V, scale, bias, prec)
-        dU, dV, ds, db, da, dL, dR = _pair_backward(c, kind, _tgt(a, Lc, R), w, g)
-        ctx.save_for_backward(U, V, scale, bias, a, Lc, R, g, w)
-        ctx.kind, ctx.prec = kind, prec
-        return (dU, dV.to(V.dtype), _like(ds, scale), _like(db, bias) if bias is not None else None,
-                _like(da, a) if a is not None else None, _like(dL, Lc) if Lc is not None else None,
-                _like(dR, R) if R is not None else None)
-
-    @staticmethod
-    def backward(ctx, Ub, Vb, sbar, bbar, abar, Lbar, Rbar):
-        U, V, scale, bias, a, Lc, R, g, w = ctx.saved_tensors
-        c = _Ctx(U, V, scale, bias, ctx.prec)
-        if bias is None:
-            bbar = None
-        gU, gV, gs, gb, gg, ga, gL, gR = _pair_double(c, ctx.kind, _tgt(a, Lc, R), w, g, Ub, Vb, sbar, bbar,
-                                                      abar, Lbar, Rbar)
-        return (gU, gV.to(V.dtype), _like(gs, scale), _like(gb, bias) if bias is not None else None,
-                _like(ga, a) if a is not None else None, _like(gL, Lc) if Lc is not None else None,
-                _like(gR, R) if R is not None else None, _like(gg, g), None, None, None)
-
-
-# ------------------------------------------------------------------------------------------ public
-class TritonPrimitives:
-    """Fused Triton primitives (see module docstring). ``fp32_precision``: ``tl.dot`` input precision for
-    fp32 inputs ("ieee" | "tf32" | "tf32x3"; None → module-level ``FP32_PRECISION``)."""
-
-    name = "triton"
-
-    def __init__(self, fp32_precision: str | None = None):
-        if fp32_precision not in (None, "ieee", "tf32", "tf32x3"):
-            raise ValueError(f"fp32_precision must be 'ieee', 'tf32', 'tf32x3' or None, got {fp32_precision!r}")
-        self.fp32_precision = fp32_precision
-
-    def _prec(self):
-        return self.fp32_precision or FP32_PRECISION
-
-    @staticmethod
-    def _scale(scale, like):
-        if not isinstance(scale, torch.Tensor):
-            scale = torch.tensor(float(scale), dtype=torch.float32, device=like.device)
-        return scale.reshape(())
-
-    @_eager
-    def lse(self, U, V, scale, bias=None):
-        _check_device(U, V)
-        scale = self._scale(scale, U)
-        if bias is not None and not isinstance(bias, torch.Tensor):
-            bias = torch.tensor(float(bias), dtype=torch.float32, device=U.device)
-        return _LseFn.apply(U, V, scale, None if bias is None else bias.reshape(()), self._prec())
-
-    @_eager
-    def pairsum(self, kind, U, V, scale, bias, target, npos=None, nneg=None):
-        if kind not in ("bce", "wbce", "mse", "softplus"):
-            raise ValueError(f"pairsum kind must be bce, wbce, mse or softplus, got {kind!r}")
-        if kind == "softplus":
-            target = None
-        if target is not None and target[0] == "dense":
-            from ..streaming import StreamingPrimitives
-
-            return StreamingPrimitives().pairsum(kind, U, V, scale, bias, target, npos=npos, nneg=nneg)
-        _check_device(U, V)
-        if target is not None and target[0] != "lowrank":
-            raise ValueError(f"target must be None, ('lowrank', a, Lc, R) or ('dense', S), got {target[0]!r}")
-        if target is not None or kind != "softplus":
-            if U.shape[0] != V.shape[0]:
-                raise ValueError(f"pairsum {kind!r} needs M == N, got {U.shape[0]} and {V.shape[0]}")
-        scale = self._scale(scale, U)
-        if bias is not None and not isinstance(bias, torch.Tensor):
-            bias = torch.tensor(float(bias), dtype=torch.float32, device=U.device)
-        c = _Ctx(U, V, scale, bias, self._prec())
-        if kind == "wbce" and (npos is None or nneg is None):
-            n = U.shape[0]
-            npos = self.count_pos(target, n)
-            nneg = n * n - npos
-        w = _weights(kind, npos, nneg, c)
-        a = Lc = R = None
-        if target is not None:
-            _, a, Lc, R = target
-        return _PairFn.apply(U, V, scale, None if bias is None else bias.reshape(()), a, Lc, R, kind, w,
-                             self._prec())
-
-    @_eager
-    def count_pos(self, target, n):
-        if target is None:
-            return torch.tensor(float(n), dtype=torch.float64)
-        if target[0] == "dense":
-            with torch.no_grad():
-                return (target[1] > 0.5).sum().to(torch.float64)
-        _, a, lc, r_ = target
-        _check_device(a, lc, r_)
-        K = _kernels()
-        with torch.no_grad():
-            acc = _acc_dtype(lc.dtype)
-            upcast, prec, ACC = _flags(acc, "ieee")
-            cv = lambda t: t.detach().to(acc).contiguous()  # noqa: E731
-            BM = 64
-            BN = 64 if a.device.type != "cuda" else 128
-            nb = triton_cdiv(n, BM)
-            part = torch.zeros(nb, dtype=torch.int32, device=a.device)
-            r = lc.shape[1]
-            with _guard(a.device):
-                K._count_kernel[(nb,)](cv(lc), cv(r_), cv(a), n, r, part, BM=BM, BN=BN, RP=_rp(r),
-                                       LR_PREC=_lr_prec(acc), ACC=ACC)
-            return part.to(torch.float64).sum()
+from .triton_ops import TritonPrimitives  # noqa: E402  (the public face: custom ops over these launchers)

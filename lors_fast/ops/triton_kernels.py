@@ -310,8 +310,9 @@ def _bwd_kernel(A, B, M, N, D, sc_ptr, bi_ptr, La, Lb, a_ptr, r, w_ptr,
     wpos = tl.load(w_ptr).to(ACC)
     wneg = tl.load(w_ptr + 1).to(ACC)
     g = tl.load(gout_ptr).to(ACC)
-    lra = tl.load(lse_a + offs_m, mask=rmask, other=0.0).to(ACC) * 1.4426950408889634
-    ga = tl.load(g_a + offs_m, mask=rmask, other=0.0).to(ACC)
+    if KIND == 0:  # (the pair kinds get 2-element dummies for the LSE vectors: never index them)
+        lra = tl.load(lse_a + offs_m, mask=rmask, other=0.0).to(ACC) * 1.4426950408889634
+        ga = tl.load(g_a + offs_m, mask=rmask, other=0.0).to(ACC)
     acc = tl.zeros((BM, BDO), ACC)
     accL = tl.zeros((BM, RP), ACC)
     accd = tl.zeros((BM,), ACC)
@@ -443,9 +444,10 @@ def _dbl_kernel(A, B, Ab, Bb, M, N, D, sc_ptr, bi_ptr, sbar_ptr, bbar_ptr,
     wpos = tl.load(w_ptr).to(ACC)
     wneg = tl.load(w_ptr + 1).to(ACC)
     g = tl.load(gout_ptr).to(ACC)
-    lra = tl.load(lse_a + offs_m, mask=rmask, other=0.0).to(ACC) * 1.4426950408889634
-    ga = tl.load(g_a + offs_m, mask=rmask, other=0.0).to(ACC)
-    rha = tl.load(rho_a + offs_m, mask=rmask, other=0.0).to(ACC)
+    if KIND == 0:  # (the pair kinds get 2-element dummies for the LSE vectors: never index them)
+        lra = tl.load(lse_a + offs_m, mask=rmask, other=0.0).to(ACC) * 1.4426950408889634
+        ga = tl.load(g_a + offs_m, mask=rmask, other=0.0).to(ACC)
+        rha = tl.load(rho_a + offs_m, mask=rmask, other=0.0).to(ACC)
     acc = tl.zeros((BM, BDO), ACC)
     accL = tl.zeros((BM, RP), ACC)
     accd = tl.zeros((BM,), ACC)
