@@ -39,7 +39,7 @@ KINDS = {"lse": 0, "bce": 1, "wbce": 2, "mse": 3, "softplus": 4}
 # target; the low-rank kinds: wbce/bce/mse with TGT = 1)
 CASES = [("fwd", "lse", 0), ("fwd", "wbce", 1), ("bwd", "lse", 0), ("bwd", "wbce", 1),
          ("pre", "lse", 0), ("dbl", "lse", 0), ("dbl", "wbce", 1)]
-# the kernel stage, kind and target each config stage of the sweep is built for
+# the kernel stage, kind and target each config stage of the tuning (lors_fast.ops.triton_tuning) is built for
 SWEEP_CASES = {"fwd": ("fwd", "lse", 0), "bwd": ("bwd", "lse", 0), "dbl": ("dbl", "lse", 0),
                "fwd_pair": ("fwd", "wbce", 1), "bwd_pair": ("bwd", "wbce", 1), "dbl_pair": ("dbl", "wbce", 1)}
 _PTXAS = None
@@ -163,7 +163,7 @@ def main(argv=None):
                     help="d is a runtime argument: it changes the build only through WD's padded DP and BDO")
     ap.add_argument("--dtype", nargs="+", default=["bfloat16"])
     ap.add_argument("--candidates", action="store_true",
-                    help="instead of the defaults: the GPU sweep's candidates (bench/_candidates.py), bf16")
+                    help="instead of the defaults: the tuning candidates (lors_fast.ops.triton_tuning), bf16")
     ap.add_argument("--stages", nargs="+", default=None)
     ap.add_argument("--md", default=None, help="append the table to this markdown file")
     ap.add_argument("--json", default=None, help="write the rows to this JSON file")
@@ -171,9 +171,9 @@ def main(argv=None):
     rows = []
     print(HEADER, flush=True)
     if a.candidates:
-        from _candidates import SWEEP
+        from lors_fast.ops.triton_tuning import CANDIDATES
 
-        for key, cands in SWEEP.items():
+        for key, cands in CANDIDATES.items():
             stage, kind, tgt = SWEEP_CASES[key]
             for ov in cands:
                 for D in a.d:

@@ -8,10 +8,11 @@ Sections (each guarded by a time budget and its own try/except, so the whole run
   2. correctness of the primitives (lse, pairsum φ × target) vs a float64 oracle: values, first derivatives
      and second derivatives, fp32 (ieee and tf32), bf16, fp16; low precision judged by the flash-attention
      rule: err ≤ 2·err(torch eager in that dtype) + floor;
-  3. a launch-config sweep (SWEEP: per kernel stage, LSE and pair kinds, forward, backward and double backward,
-     bf16; candidates pre-screened by bench/aot_check.py's sm_90a build), then LOWRANK_16BIT and the fp32
-     backward's d-chunk; each stage keeps its fastest, used by every later section; a correctness post-check
-     of the chosen configs at N = 4097;
+  3. the launch-config tuning of `lors-fast tune-kernels` (lors_fast.ops.triton_tuning: per kernel stage, LSE
+     and pair kinds, forward, backward and double backward, bf16; candidates pre-screened by bench/aot_check.py's
+     sm_90a build; the table goes to $OUT/tuned_configs.json), then LOWRANK_16BIT and the fp32 backward's
+     d-chunk; each stage keeps its fastest, used by every later section; a correctness post-check of the
+     chosen configs at N = 4097;
   4. timings (median, p20, p80 via triton.testing.do_bench) of lors_fast.contrastive_loss fwd+bwd for
      triton, eager reference, our streaming path (targets only) and torch.compile(reference), TFLOP/s by the
      FLOP model 8·N²·(d+r), peak memory; double backward at N = 8192;
@@ -353,66 +354,26 @@ def _dbl_fn(img, txt, scale, tgt, bias, leaves, kind):
     return fn
 
 
-from _candidates import SWEEP  # noqa: E402  (candidate launch configs per kernel stage, shared with aot_check)
-
-
-def _sweep_fn(stage, N, d):
-    import lors_fast
-    from lors_fast.ops import triton_backend as tb
-
-    pair = stage.endswith("_pair")
-    kind = "wbce" if pair else "infonce"
-    n = _sz(8192, 64) if stage.startswith("dbl") else N
-    img, txt, scale, tgt, bias, leaves = _problem(n, d, torch.bfloat16, kind, pair)
-    if stage == "fwd":
-        P = tb.TritonPrimitives()
-        return lambda: P.lse(img.detach(), txt.detach(), scale.detach(), None)
-    if stage == "fwd_pair":
-        def f():
-            with torch.no_grad():
-                return lors_fast.contrastive_loss(img, txt, scale, tgt, kind=kind, backend="triton")
-        return f
-    if stage.startswith("bwd"):
-        return _fwd_bwd(lors_fast.contrastive_loss, img, txt, scale, tgt, bias, leaves, kind, "triton")
-    return _dbl_fn(img, txt, scale, tgt, bias, leaves, kind)
-
-
 def sec_sweep(until):
+    """The launch-config tuning of `lors-fast tune-kernels` (lors_fast.ops.triton_tuning: per stage, the default,
+    the old default and the candidates screened by bench/aot_check.py), bf16, N = 16384, d = 512; each stage's
+    winner stays in CONFIG_OVERRIDE for the rest of the run, and the table is written to $OUT/tuned_configs.json
+    (copy it to lors_fast/ops/tuned_configs.json to ship it). Then LOWRANK_16BIT and the fp32 d-chunk."""
     import lors_fast
     from lors_fast.ops import triton_backend as tb
+    from lors_fast.ops import triton_tuning as tt
 
     N, d = _sz(16384, 64), _sz(512, 32)
     P = tb.TritonPrimitives()
-    best = {}
-    for stage, cands in SWEEP.items():
-        times = []
-        fn = _sweep_fn(stage, N, d)
-        for c in cands:
-            if el() > until:
-                break
-            key = (stage, "bfloat16")
-            if c is None:
-                tb.CONFIG_OVERRIDE.pop(key, None)
-            else:
-                tb.CONFIG_OVERRIDE[key] = dict(c)
-            shown = "default" if c is None else c
-            try:
-                fn()
-                ms = bench(fn, warmup=3, rep=30)
-                times.append((ms[0], c))
-                RES["sweep"].append(dict(stage=stage, config=shown, N=N, d=d, ms=ms))
-                log(f"sweep {stage} {shown}: {ms[0]:.3f} ms")
-            except Exception as e:
-                RES["sweep"].append(dict(stage=stage, config=shown, error=f"{type(e).__name__}: {e}"))
-                log(f"sweep {stage} {shown}: {type(e).__name__}: {str(e)[:200]}")
-        tb.CONFIG_OVERRIDE.pop((stage, "bfloat16"), None)
-        if times:
-            ms_, c_ = min(times, key=lambda t: t[0])
-            best[stage] = "default" if c_ is None else c_
-            if c_ is not None:
-                tb.CONFIG_OVERRIDE[(stage, "bfloat16")] = dict(c_)
-    RES["sweep_best"] = dict(best)
-    log(f"sweep best: {best}")
+    res = tt.tune(DEV, torch.bfloat16, d=d, n=N, budget_s=max(1.0, until - el() - 20), log=log)
+    for e in res["entries"]:
+        RES["sweep"] += [dict(stage=e["stage"], N=N, d=d, **t) for t in e["table"]]
+        if e["config"]:
+            tb.CONFIG_OVERRIDE[(e["stage"], "bfloat16")] = dict(e["config"])
+    RES["sweep_best"] = {e["stage"]: e["config"] or "default" for e in res["entries"]}
+    log(f"sweep best: {RES['sweep_best']}")
+    if not DRY and res["entries"]:
+        log(f"tuned table: {tt.save(res, os.path.join(OUT, 'tuned_configs.json'))}")
     # rank-r target tiles of wbce in fp32 (tf32) or in bf16 (LOWRANK_16BIT): keep the faster
     imgw, txtw, scw, tgtw, biw, lvw = _problem(N, d, torch.bfloat16, "wbce", True)
     lr_times = []

@@ -13,7 +13,7 @@ import click
 from .env_cmd import env
 
 # stage command modules, each exposing register(group)
-_STAGES = ("buffer_cmd", "distill_cmd", "eval_cmd")
+_STAGES = ("buffer_cmd", "distill_cmd", "eval_cmd", "tune_cmd")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -26,6 +26,7 @@ def main():
              distill -> trajectory matching with low-rank similarity mining
              eval    -> train a fresh network on a distilled set, retrieval metrics
              coreset -> random / herding / k-center / forgetting baselines
+    Kernels: tune-kernels -> time the fused Triton kernels' launch configs on this GPU, keep the fastest
     On the embedded default dataset `lors-fast distill --rank 10` runs the whole pipeline.
     """
 

@@ -7,7 +7,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import tempfile  # noqa: E402
+
 import torch  # noqa: E402
+
+# tuned launch configs: never the developer's own table (~/.cache/lors_fast); tests that need one point
+# LORS_FAST_TRITON_CONFIGS at a file of their own
+os.environ["LORS_FAST_TRITON_CONFIGS"] = os.path.join(tempfile.mkdtemp(prefix="lors_tuned_"), "none.json")
 
 if not torch.cuda.is_available():
     # run the Triton kernels on CPU tensors (set before anything imports triton)

@@ -18,7 +18,8 @@ Launch configs are heuristics per stage, kernel family (LSE or pair kinds) and d
 best of bench/gpu_check.py's sweep on an H200; the pair kinds' tiles: the non-spilling ones of an sm_90a build by
 bench/aot_check.py), not ``triton.autotune``: every (kind, target, pass) is its own kernel specialisation,
 and autotuning each would cost minutes of compilation; M and N are not specialised on (no recompile when the batch changes).
-``CONFIG_OVERRIDE`` replaces them (benchmarks, tests).
+Tuned tables (``lors-fast tune-kernels``, :mod:`triton_tuning`) replace them per GPU model, and
+``CONFIG_OVERRIDE`` replaces both (benchmarks, tests).
 
 Dense targets are not fused: they are delegated to the chunked torch backend
 (:class:`lors_fast.streaming.StreamingPrimitives`), which is O(N²) in memory anyway because of S itself.
@@ -148,6 +149,7 @@ def _config(stage: str, D: int, dtype: torch.dtype, device) -> _Cfg:
                      BDO=min(dp, 256 if small else 128), num_warps=8, num_stages=2)
         else:
             raise ValueError(f"unknown kernel stage {stage!r}")
+    c.update(_tuned(device, stage, dtype, max(16, _pow2(D))))  # lors-fast tune-kernels / packaged tables
     c.update(CONFIG_OVERRIDE.get(stage, {}))
     c.update(CONFIG_OVERRIDE.get((stage, str(dtype).replace("torch.", "")), {}))
     dp = max(16, _pow2(D))
@@ -156,6 +158,12 @@ def _config(stage: str, D: int, dtype: torch.dtype, device) -> _Cfg:
     c["BK"] = min(c["BK"], dp)
     c["BDO"] = dp if c.get("WD") else min(c["BDO"], dp)
     return _Cfg(**c, DP=dp)
+
+
+def _tuned(device, stage, dtype, dp):
+    from . import triton_tuning
+
+    return triton_tuning.lookup(device, stage, dtype, dp)
 
 
 def _acc_dtype(dtype):

@@ -1,0 +1,58 @@
+"""`lors-fast tune-kernels`: time the fused kernels' candidate launch configs on this GPU and save the fastest
+(lors_fast.ops.triton_tuning); every later run on this GPU model uses them."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+@click.command("tune-kernels")
+@click.option("--dtype", type=click.Choice(sorted(_DTYPES)), default="bf16", show_default=True,
+              help="input dtype the configs are tuned for")
+@click.option("--d", "d", type=click.IntRange(min=1), default=512, show_default=True, help="feature dimension")
+@click.option("--n", "n", type=click.IntRange(min=1), default=16384, show_default=True,
+              help="batch size to time at (the double backward stages use min(n, 8192))")
+@click.option("--stage", "stages", multiple=True, help="only these stages (repeatable); default: all")
+@click.option("--budget", type=click.FloatRange(min=1), default=None, help="stop starting candidates after S seconds")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="table to merge the results into [default: $LORS_FAST_TRITON_CONFIGS or "
+                   "~/.cache/lors_fast/triton_configs.json]")
+def tune_kernels(dtype, d, n, stages, budget, out):
+    """Time candidate launch configs of the fused Triton kernels per stage; save the fastest.
+
+    Needs a CUDA GPU (with TRITON_INTERPRET=1 it runs on CPU in the interpreter: a smoke test, not a tuning).
+    Takes one to three minutes (compilation dominates)."""
+    import torch
+
+    from lors_fast.ops import triton_tuning
+
+    bad = [s for s in stages if s not in triton_tuning.STAGES]
+    if bad:
+        raise click.UsageError(f"unknown stages {bad}; expected some of {tuple(triton_tuning.STAGES)}")
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        device = "cuda"
+    elif os.environ.get("TRITON_INTERPRET", "0") == "1":
+        device = "cpu"
+    else:
+        raise click.UsageError("tune-kernels needs a CUDA GPU (or TRITON_INTERPRET=1 for a CPU smoke run)")
+    dt = getattr(torch, _DTYPES[dtype])
+    try:
+        res = triton_tuning.tune(device, dt, d=d, n=n, stages=stages or None, budget_s=budget,
+                                 log=lambda m: click.echo(m))
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    if not res["entries"]:
+        raise click.ClickException("no candidate could be timed (see the errors above); nothing saved")
+    path = triton_tuning.save(res, out)
+    click.echo(f"\n{res['device']}, {res['dtype']}, d={d}, n={n}: fastest per stage")
+    for e in res["entries"]:
+        click.echo(f"  {e['stage']:9s} {e['ms']:9.3f} ms  {e['config'] or 'defaults'}")
+    click.echo(f"saved to {path}")
+
+
+def register(group):
+    group.add_command(tune_kernels)

@@ -1,0 +1,272 @@
+"""Launch-config tuning of the fused kernels: time candidate configs per kernel stage on *this* GPU, keep the
+fastest, save them, and let the backend use them from then on.
+
+Where `triton_backend._config` gets a config (later wins):
+
+1. its built-in defaults (tuned on an H200: bench/RESULTS_GPU.md; pair-kind tiles from bench/RESULTS_AOT.md);
+2. the packaged table ``lors_fast/ops/tuned_configs.json`` (entries measured by ``bench/gpu_check.py`` on the
+   project's GPUs; absent until there are some);
+3. the user table: ``$LORS_FAST_TRITON_CONFIGS``, default ``~/.cache/lors_fast/triton_configs.json``, written by
+   ``lors-fast tune-kernels`` (:func:`tune` + :func:`save`);
+4. ``triton_backend.CONFIG_OVERRIDE`` (benchmarks, tests).
+
+A table is JSON: ``{"version": 1, "devices": {"<torch.cuda.get_device_name>": {"<stage>|<dtype>|<DP>":
+{"config": {...}, "ms": ..., "n": ..., "triton": ..., "date": ...}}}}`` with stage one of :data:`STAGES`, dtype
+e.g. ``bfloat16`` and DP the feature dimension rounded up to a power of two. ``config`` holds the keys of a
+launch config (BM, BN, BK, BDO, num_warps, num_stages, WD); ``{}`` records that the defaults won.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["CANDIDATES", "STAGES", "device_key", "lookup", "reset_cache", "save", "tune", "user_table_path"]
+
+VERSION = 1
+PACKAGED = Path(__file__).with_name("tuned_configs.json")
+ENV = "LORS_FAST_TRITON_CONFIGS"
+CONFIG_KEYS = ("BM", "BN", "BK", "BDO", "num_warps", "num_stages", "WD")
+
+# The kernel stages of triton_backend._config and what each is timed on: (kind, low-rank target, what runs).
+# "fwd"/"fwd_pair": the forward alone; "bwd"/"bwd_pair": forward + backward; "dbl"/"dbl_pair": forward +
+# backward(create_graph) + double backward (at min(n, 8192) rows).
+STAGES = {"bwd": ("infonce", False), "bwd_pair": ("wbce", True), "fwd_pair": ("wbce", True),
+          "dbl": ("infonce", False), "dbl_pair": ("wbce", True), "fwd": ("infonce", False)}
+
+# 16-bit candidates per stage (None = the backend's default; "old" = the default before the sm_90a analysis of
+# bench/RESULTS_AOT.md; WD = the resident-row-block layout of triton_kernels). Each compiles for sm_90a, fits
+# its shared memory and spills little (bench/aot_check.py --candidates). Ordered by how much the stage weighs
+# in a training step; a time budget cuts the tail.
+CANDIDATES: dict[str, list] = {
+    "bwd": [None,
+            dict(BM=64, BN=32, num_warps=8, num_stages=3, WD=True),
+            dict(BM=64, BN=64, num_warps=8, num_stages=2, WD=True),
+            dict(BM=64, BN=32, BK=64, BDO=512, num_warps=8, num_stages=2)],
+    "bwd_pair": [None,
+                 dict(BM=64, BN=64, BK=64, BDO=512, num_warps=8, num_stages=2),  # old
+                 dict(BM=64, BN=16, BK=64, BDO=512, num_warps=8, num_stages=2),
+                 dict(BM=64, BN=16, num_warps=8, num_stages=3, WD=True)],
+    "fwd_pair": [None,
+                 dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=4),  # old
+                 dict(BM=128, BN=32, num_warps=8, num_stages=2, WD=True),
+                 dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=4)],
+    "dbl": [None,  # spills: default 272 B, the others none
+            dict(BM=64, BN=32, BK=64, BDO=256, num_warps=8, num_stages=2),
+            dict(BM=64, BN=16, BK=64, BDO=512, num_warps=8, num_stages=2)],  # one d-chunk: 5 GEMMs/pass, not 8
+    "dbl_pair": [None,  # spills: default 320 B, old 3224 B
+                 dict(BM=64, BN=64, BK=64, BDO=256, num_warps=8, num_stages=2),  # old
+                 dict(BM=64, BN=16, BK=64, BDO=256, num_warps=8, num_stages=2)],
+    "fwd": [None,
+            dict(BM=128, BN=32, num_warps=8, num_stages=2, WD=True),
+            dict(BM=64, BN=64, num_warps=4, num_stages=2, WD=True),
+            dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=3)],  # the fastest of the first H200 sweep
+}
+
+_CACHE: dict = {}
+
+
+def user_table_path() -> Path:
+    return Path(os.environ.get(ENV) or Path.home() / ".cache" / "lors_fast" / "triton_configs.json")
+
+
+def device_key(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
+    return device.type  # "cpu": the interpreter (tests); "cuda" without a GPU: configs for an offline build
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def _entry_key(stage: str, dtype: torch.dtype, dp: int) -> str:
+    return f"{stage}|{str(dtype).replace('torch.', '')}|{dp}"
+
+
+def load_table(path) -> dict:
+    """A tuned-config table; {} when the file does not exist. A malformed file is a ValueError naming it."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"tuned-config table {path} is not readable JSON ({e}); delete it or set {ENV}") from e
+    if not isinstance(table, dict) or table.get("version") != VERSION or not isinstance(table.get("devices"), dict):
+        raise ValueError(f"tuned-config table {path}: expected {{'version': {VERSION}, 'devices': {{...}}}}")
+    for dev, entries in table["devices"].items():
+        for key, e in entries.items():
+            cfg = e.get("config") if isinstance(e, dict) else None
+            if not isinstance(cfg, dict) or set(cfg) - set(CONFIG_KEYS):
+                raise ValueError(f"tuned-config table {path}: entry {dev!r} / {key!r} must hold a 'config' with keys "
+                                 f"among {CONFIG_KEYS}, got {e!r}")
+    return table
+
+
+def reset_cache():
+    """Forget the tables read so far (after writing one, or when $LORS_FAST_TRITON_CONFIGS changes)."""
+    _CACHE.clear()
+
+
+def _tables():
+    user = user_table_path()
+    key = str(user)
+    if key not in _CACHE:
+        _CACHE[key] = (load_table(PACKAGED), load_table(user))
+    return _CACHE[key]
+
+
+def lookup(device, stage: str, dtype: torch.dtype, dp: int) -> dict:
+    """The tuned config for (this device, stage, dtype, DP): the user table's, else the packaged one's, else {}."""
+    dev = device_key(device)
+    key = _entry_key(stage, dtype, dp)
+    out: dict = {}
+    for table in _tables():
+        e = table.get("devices", {}).get(dev, {}).get(key)
+        if e is not None:
+            out = dict(e["config"])
+    return out
+
+
+def save(results: dict, path=None) -> Path:
+    """Merge :func:`tune`'s results into the table at ``path`` (default: the user table), atomically."""
+    from ..io import atomic_write
+
+    path = Path(path) if path is not None else user_table_path()
+    table = load_table(path) or {"version": VERSION, "devices": {}}
+    for e in results["entries"]:
+        table["devices"].setdefault(results["device"], {})[e["key"]] = {
+            k: e[k] for k in ("config", "ms", "n", "triton", "date")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, (json.dumps(table, indent=1, sort_keys=True) + "\n").encode())
+    reset_cache()
+    return path
+
+
+# ------------------------------------------------------------------------------------------- timing
+def _problem(n, d, dtype, kind, lowrank, device, r=10):
+    from ..targets import LowRankTarget
+
+    g = torch.Generator(device=device).manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(n, d, generator=g, device=device), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(n, d, generator=g, device=device), dim=-1)
+    img, txt = img.to(dtype).requires_grad_(True), txt.to(dtype).requires_grad_(True)
+    scale = torch.tensor(1 / 0.07, device=device, dtype=dtype, requires_grad=True)
+    leaves, tgt = [img, txt, scale], None
+    if lowrank:
+        a = torch.ones(n, device=device, dtype=dtype, requires_grad=True)
+        L = (torch.randn(n, r, generator=g, device=device) * 0.1).to(dtype).requires_grad_(True)
+        R = (torch.randn(n, r, generator=g, device=device) * 0.1).to(dtype).requires_grad_(True)
+        tgt = LowRankTarget(a, L, R, 1.0 / r)
+        leaves += [a, L, R]
+    return img, txt, scale, tgt, leaves
+
+
+def _workload(stage, n, d, dtype, device):
+    """A closure running what `stage`'s config governs (see STAGES)."""
+    from ..functional import contrastive_loss
+
+    kind, lowrank = STAGES[stage]
+    if stage.startswith("dbl"):
+        n = min(n, 8192)
+    img, txt, scale, tgt, leaves = _problem(n, d, dtype, kind, lowrank, device)
+    if stage.startswith("fwd"):
+        def run():
+            with torch.no_grad():
+                return contrastive_loss(img, txt, scale, tgt, kind=kind, backend="triton")
+    elif stage.startswith("bwd"):
+        def run():
+            return torch.autograd.grad(contrastive_loss(img, txt, scale, tgt, kind=kind, backend="triton"), leaves)
+    else:
+        cot = [torch.randn_like(x) for x in leaves]
+
+        def run():
+            loss = contrastive_loss(img, txt, scale, tgt, kind=kind, backend="triton")
+            gs = torch.autograd.grad(loss, leaves, create_graph=True)
+            return torch.autograd.grad(sum((c * x).sum() for c, x in zip(cot, gs)), leaves)
+    return run
+
+
+def _time_ms(fn, device, rep_ms):
+    if torch.device(device).type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=3, rep=rep_ms))
+    t = time.perf_counter()  # the interpreter: one call (smoke tests only)
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
+def tune(device="cuda", dtype=torch.bfloat16, d: int = 512, n: int = 16384, stages=None, candidates=None,
+         budget_s: float | None = None, rep_ms: int = 30, log=None) -> dict:
+    """Time each candidate config of each stage (forward / backward / double backward of the LSE and pair
+    kernels) on ``n`` × ``d`` inputs of ``dtype`` and keep the fastest per stage. Stages run in the order of
+    ``stages`` (default: :data:`STAGES`); each stage's winner stays applied (CONFIG_OVERRIDE) while the later
+    ones are timed, and all are removed at the end. ``budget_s``: stop starting new candidates after that
+    many seconds. Returns ``{"device", "entries": [{"stage", "key", "config", "ms", "table", ...}]}`` for
+    :func:`save`; a candidate that fails (compile error, out of memory) is recorded and skipped."""
+    from . import triton_backend as tb
+
+    log = log or (lambda *a: None)
+    device = torch.device(device)
+    stages = list(stages or STAGES)
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        raise ValueError(f"unknown stages {bad}; expected some of {tuple(STAGES)}")
+    if d < 1 or n < 1:
+        raise ValueError(f"d and n must be >= 1, got d={d}, n={n}")
+    cands = candidates or CANDIDATES
+    import triton
+
+    t0 = time.time()
+    dname = str(dtype).replace("torch.", "")
+    dp = max(16, 1 << max(0, (d - 1).bit_length()))
+    saved = dict(tb.CONFIG_OVERRIDE)
+    entries = []
+    try:
+        for stage in stages:
+            key = (stage, dname)
+            run = _workload(stage, n, d, dtype, device)
+            table = []
+            for cfg in cands.get(stage, [None]):
+                if budget_s is not None and time.time() - t0 > budget_s:
+                    log(f"tune {stage}: time budget spent, skipping the rest")
+                    break
+                if cfg is None:
+                    tb.CONFIG_OVERRIDE.pop(key, None)
+                else:
+                    tb.CONFIG_OVERRIDE[key] = dict(cfg)
+                shown = "default" if cfg is None else cfg
+                try:
+                    run()  # compile
+                    ms = _time_ms(run, device, rep_ms)
+                    table.append(dict(config=shown, ms=ms))
+                    log(f"tune {stage} {shown}: {ms:.3f} ms")
+                except Exception as e:  # noqa: BLE001 - a failing candidate is data, not a crash
+                    table.append(dict(config=shown, error=f"{type(e).__name__}: {str(e)[:300]}"))
+                    log(f"tune {stage} {shown}: {type(e).__name__}: {str(e)[:200]}")
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+            timed = [t for t in table if "ms" in t]
+            tb.CONFIG_OVERRIDE.pop(key, None)
+            if not timed:
+                continue
+            best = min(timed, key=lambda t: t["ms"])
+            cfg = {} if best["config"] == "default" else dict(best["config"])
+            if cfg:
+                tb.CONFIG_OVERRIDE[key] = dict(cfg)
+            entries.append(dict(stage=stage, key=_entry_key(stage, dtype, dp), config=cfg, ms=best["ms"], n=n,
+                                d=d, triton=triton.__version__, table=table,
+                                date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())))
+    finally:
+        tb.CONFIG_OVERRIDE.clear()
+        tb.CONFIG_OVERRIDE.update(saved)
+    return dict(device=device_key(device), dtype=dname, d=d, n=n, entries=entries)

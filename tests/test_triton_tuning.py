@@ -1,0 +1,112 @@
+"""`lors-fast tune-kernels` / lors_fast.ops.triton_tuning: timing candidate launch configs, saving the winners,
+and the backend picking them up (under the interpreter on CPU: the mechanism, not the speed)."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from lors_fast.ops import triton_backend as tb  # noqa: E402
+from lors_fast.ops import triton_tuning as tt  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+CANDS = {"bwd": [None, dict(BM=32, BN=16, num_warps=4, num_stages=1)],
+         "fwd_pair": [None, dict(BM=16, BN=32, num_warps=4, num_stages=1, WD=True)]}
+
+
+@pytest.fixture
+def table_path(tmp_path, monkeypatch):
+    p = tmp_path / "tuned.json"
+    monkeypatch.setenv(tt.ENV, str(p))
+    tt.reset_cache()
+    yield p
+    tt.reset_cache()
+
+
+def test_tune_save_and_lookup(table_path):
+    res = tt.tune(DEV, torch.float32, d=20, n=40, stages=["bwd", "fwd_pair"], candidates=CANDS)
+    assert res["device"] == tt.device_key(DEV) and [e["stage"] for e in res["entries"]] == ["bwd", "fwd_pair"]
+    for e in res["entries"]:
+        assert len(e["table"]) == 2 and all("ms" in t and t["ms"] > 0 for t in e["table"]), e["table"]
+        assert e["ms"] == min(t["ms"] for t in e["table"])
+        assert e["key"] == f"{e['stage']}|float32|32"  # d = 20 → DP = 32
+    assert tb.CONFIG_OVERRIDE == {}  # tuning leaves no override behind
+    # force a known winner, save, and the backend's config lookup returns it for this device, dtype and DP
+    res["entries"][0]["config"] = dict(BM=32, BN=16, num_warps=4, num_stages=1)
+    assert tt.save(res) == table_path
+    saved = json.loads(table_path.read_text())
+    assert saved["devices"][tt.device_key(DEV)]["bwd|float32|32"]["config"]["BN"] == 16
+    cfg = tb._config("bwd", 20, torch.float32, torch.device(DEV))
+    assert (cfg.BM, cfg.BN, cfg.num_warps) == (32, 16, 4)
+    assert tb._config("bwd", 20, torch.bfloat16, torch.device(DEV)).BN != 16  # another dtype: no entry
+    assert tb._config("bwd", 600, torch.float32, torch.device(DEV)).BN != 16  # DP = 1024: no entry
+    # CONFIG_OVERRIDE still wins over the table
+    tb.CONFIG_OVERRIDE[("bwd", "float32")] = dict(BN=8)
+    try:
+        assert tb._config("bwd", 20, torch.float32, torch.device(DEV)).BN == 8
+    finally:
+        tb.CONFIG_OVERRIDE.clear()
+    # saving again merges (the fwd_pair entry stays, a second dtype is added)
+    res["dtype"] = "bfloat16"
+    for e in res["entries"]:
+        e["key"] = e["key"].replace("float32", "bfloat16")
+    tt.save(res)
+    keys = set(json.loads(table_path.read_text())["devices"][tt.device_key(DEV)])
+    assert {"bwd|float32|32", "fwd_pair|float32|32", "bwd|bfloat16|32", "fwd_pair|bfloat16|32"} <= keys
+
+
+def test_tuned_configs_stay_correct(table_path):
+    # a loss computed under a tuned (non-default) config still matches the reference
+    import lors_fast
+
+    dt, tol = (torch.float64, 1e-10) if DEV == "cpu" else (torch.float32, 5e-3)  # (TF32 dots on a GPU)
+    res = tt.tune(DEV, dt, d=12, n=24, stages=["bwd"],
+                  candidates={"bwd": [dict(BM=16, BN=16, BK=16, BDO=16, num_warps=4, num_stages=1)]})
+    tt.save(res)
+    assert tb._config("bwd", 12, dt, torch.device(DEV)).BN == 16
+    g = torch.Generator().manual_seed(3)
+    U = torch.randn(24, 12, generator=g, dtype=torch.float64).to(DEV, dt).requires_grad_(True)
+    V = torch.randn(24, 12, generator=g, dtype=torch.float64).to(DEV, dt).requires_grad_(True)
+    a = lors_fast.contrastive_loss(U, V, 3.0, kind="infonce", backend="triton")
+    b = lors_fast.contrastive_loss(U, V, 3.0, kind="infonce", backend="reference")
+    assert abs(float((a - b).detach())) < tol
+    for x, y in zip(torch.autograd.grad(a, (U, V)), torch.autograd.grad(b, (U, V))):
+        assert float((x - y).abs().max()) < tol
+
+
+def test_bad_tables_and_arguments(table_path):
+    table_path.write_text("{not json")
+    with pytest.raises(ValueError, match="not readable JSON"):
+        tt.lookup(DEV, "bwd", torch.float32, 32)
+    tt.reset_cache()
+    table_path.write_text(json.dumps({"version": 1, "devices": {"cpu": {"bwd|float32|32": {"config": {"XX": 1}}}}}))
+    with pytest.raises(ValueError, match="keys among"):
+        tt.lookup(DEV, "bwd", torch.float32, 32)
+    tt.reset_cache()
+    table_path.unlink()
+    assert tt.lookup(DEV, "bwd", torch.float32, 32) == {}
+    with pytest.raises(ValueError, match="unknown stages"):
+        tt.tune(DEV, torch.float32, d=8, n=8, stages=["nope"])
+    with pytest.raises(ValueError, match="d and n"):
+        tt.tune(DEV, torch.float32, d=0, n=8, stages=["bwd"])
+
+
+def test_cli_tune_kernels(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from lors_fast.cli import main
+
+    out = tmp_path / "t.json"
+    if DEV == "cpu":
+        r = CliRunner().invoke(main, ["tune-kernels", "--dtype", "fp32", "--d", "16", "--n", "32", "--stage", "bwd",
+                                      "--out", str(out)])
+        assert r.exit_code == 0, r.output
+        assert "fastest per stage" in r.output and out.exists()
+        assert "bwd|float32|16" in json.loads(out.read_text())["devices"]["cpu"]
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        r = CliRunner().invoke(main, ["tune-kernels", "--out", str(out)])
+        assert r.exit_code != 0 and "needs a CUDA GPU" in r.output
+    r = CliRunner().invoke(main, ["tune-kernels", "--stage", "nope", "--out", str(out)])
+    assert r.exit_code != 0 and "unknown stages" in r.output
