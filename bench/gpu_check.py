@@ -14,8 +14,9 @@ Sections (each guarded by a time budget and its own try/except, so the whole run
      d-chunk; each stage keeps its fastest, used by every later section; a correctness post-check of the
      chosen configs at N = 4097;
   4. timings (median, p20, p80 via triton.testing.do_bench) of lors_fast.contrastive_loss fwd+bwd for
-     triton, eager reference, our streaming path (targets only) and torch.compile(reference), TFLOP/s by the
-     FLOP model 8·N²·(d+r), peak memory; double backward at N = 8192;
+     triton, eager reference, our streaming path (targets only), torch.compile(reference) and ours inside
+     torch.compile(fullgraph=True) ("triton-compiled"), TFLOP/s by the FLOP model 8·N²·(d+r), peak memory;
+     double backward at N = 8192;
   5. other providers (a ~20 s slice before the grid): Inf-CL (`inf_cl.cal_flash_loss`, both directions averaged)
      and open_clip `ClipLoss` on the symmetric hard-label CLIP loss (our infonce, identity target) at N = 32768,
      d = 512, bf16: loss and gradient agreement with ours, fwd+bwd timing rows (provider column), ratio
@@ -456,6 +457,14 @@ def time_row(provider, kind, lowrank, N, d, dtype, until, double=False):
         fn_loss, backend = lors_fast.contrastive_loss, "reference"
     elif provider == "streaming":  # our chunked torch path (cuBLAS GEMMs on row chunks), O(chunk·N) memory
         fn_loss, backend = lors_fast.contrastive_loss, "streaming"
+    elif provider == "triton-compiled":  # ours inside torch.compile(fullgraph=True): the custom ops, no breaks
+        key = ("ours", kind, lowrank)
+        if key not in _COMPILED:
+            def ours(img, txt, scale, tgt, kind, logit_bias, backend=None):
+                return lors_fast.contrastive_loss(img, txt, scale, tgt, kind=kind, logit_bias=logit_bias,
+                                                  backend="triton")
+            _COMPILED[key] = torch.compile(ours, dynamic=False, fullgraph=True)
+        fn_loss, backend = _COMPILED[key], None
     elif provider == "compile":
         key = (kind, lowrank)
         if key not in _COMPILED:
@@ -528,6 +537,7 @@ def sec_targets(until):
 def sec_compile(until):
     for kind, lr in (("infonce", False), ("wbce", True)):
         _try("compile", kind, lr, 32768, 512, torch.bfloat16, until)
+    _try("triton-compiled", "infonce", False, 32768, 512, torch.bfloat16, until)
 
 
 def sec_grid(until):
