@@ -315,24 +315,9 @@ def sec_correctness(until):
 
 # ------------------------------------------------------------------------------------------- sweep
 def _problem(N, d, dtype, kind, lowrank, r=10, seed=0):
-    from lors_fast import LowRankTarget
+    from lors_fast.ops.triton_tuning import problem
 
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    img = F.normalize(torch.randn(N, d, generator=g, device=DEV), dim=-1).to(dtype).requires_grad_(True)
-    txt = F.normalize(torch.randn(N, d, generator=g, device=DEV), dim=-1).to(dtype).requires_grad_(True)
-    scale = torch.tensor(math.log(1 / 0.07), device=DEV).exp().to(dtype).requires_grad_(True)
-    tgt = None
-    leaves = [img, txt, scale]
-    if lowrank:
-        a = torch.ones(N, device=DEV, dtype=dtype, requires_grad=True)
-        L = (torch.randn(N, r, generator=g, device=DEV) * 0.1).to(dtype).requires_grad_(True)
-        R = (torch.randn(N, r, generator=g, device=DEV) * 0.1).to(dtype).requires_grad_(True)
-        tgt = LowRankTarget(a, L, R, 1.0 / r)
-        leaves += [a, L, R]
-    bias = torch.tensor(-10.0, device=DEV, dtype=dtype, requires_grad=True) if kind == "siglip" else None
-    if bias is not None:
-        leaves.append(bias)
-    return img, txt, scale, tgt, bias, leaves
+    return problem(N, d, dtype, kind, lowrank, DEV, r=r, seed=seed)
 
 
 def _fwd_bwd(loss_fn, img, txt, scale, tgt, bias, leaves, kind, backend):

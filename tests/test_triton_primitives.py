@@ -231,16 +231,22 @@ def test_bf16_inputs_match_oracle_on_rounded_values():
             1e-2, 1e-4, "lse bf16")
 
 
-@pytest.mark.parametrize("lowrank_16bit", [False, True], ids=["rank-r-fp32", "rank-r-16bit"])
-def test_fp16_native_operands_gpu_code_path(monkeypatch, lowrank_16bit):
+_ALL_STAGES = ("fwd", "bwd", "pre", "dbl", "fwd_pair", "bwd_pair", "dbl_pair")
+
+
+@pytest.mark.parametrize("lowrank_16bit,wd", [(False, False), (True, False), (False, True)],
+                         ids=["rank-r-fp32", "rank-r-16bit", "whole-d"])
+def test_fp16_native_operands_gpu_code_path(monkeypatch, lowrank_16bit, wd):
     # The GPU path keeps 16-bit GEMM operands (G·V, and with LOWRANK_16BIT the rank-r tiles and the hi/lo
-    # split of S) instead of upcasting. The interpreter handles fp16 (not bf16) natively, so this runs that
-    # code path on CPU.
+    # split of S; with WD the resident row block and the column tiles) instead of upcasting. The interpreter
+    # handles fp16 (not bf16) natively, so this runs that code path on CPU.
     import lors_fast.ops.triton_backend as tb
 
     if INTERP:
         monkeypatch.setattr(tb, "_INTERPRET_NATIVE_16BIT", True)
     monkeypatch.setattr(tb, "LOWRANK_16BIT", lowrank_16bit)
+    if wd:
+        monkeypatch.setattr(tb, "CONFIG_OVERRIDE", {st: {"WD": True} for st in _ALL_STAGES})
     U, V, s, b, tgt = make_inputs(33, 33, 40, 2, F64, seed=12)
     kin, oin = _leaves(U.half().double(), V.half().double(), s, b, tgt, torch.float16, DEV)
     npos, nneg = _counts(P_EXACT, kin[4], 33)
@@ -266,7 +272,7 @@ def whole_d(monkeypatch):
     """Every stage in the WD layout (resident row block, one load of each column tile for both GEMMs)."""
     import lors_fast.ops.triton_backend as tb
 
-    monkeypatch.setattr(tb, "CONFIG_OVERRIDE", {st: {"WD": True} for st in ("fwd", "bwd", "pre", "dbl", "fwd_pair", "bwd_pair", "dbl_pair")})
+    monkeypatch.setattr(tb, "CONFIG_OVERRIDE", {st: {"WD": True} for st in _ALL_STAGES})
     assert tb._config("bwd", 40, torch.float32, torch.device(DEV)).WD
     assert tb._config("dbl_pair", 40, torch.float32, torch.device(DEV)).BDO == 64  # d = 40 padded to DP = 64
     return tb
@@ -290,19 +296,6 @@ def test_whole_d_layout_pairsum(whole_d, case):
     npos, nneg = _counts(P_EXACT, kin[4], 65) if kind == "wbce" else (None, None)
     compare(lambda: P_EXACT.pairsum(kind, *kin, npos=npos, nneg=nneg),
             lambda: oracle_pairsum(kind, *oin, npos=npos, nneg=nneg), kin, oin, *TOL[F64], f"WD {kind}/{tg}")
-
-
-def test_whole_d_layout_fp16_native_operands(whole_d, monkeypatch):
-    # the GPU code path of WD: 16-bit resident row block and column tiles, G cast to 16 bits for G·B
-    if INTERP:
-        monkeypatch.setattr(whole_d, "_INTERPRET_NATIVE_16BIT", True)
-    U, V, s, b, tgt = make_inputs(33, 33, 40, 2, F64, seed=23)
-    kin, oin = _leaves(U.half().double(), V.half().double(), s, b, tgt, torch.float16, DEV)
-    npos, nneg = _counts(P_EXACT, kin[4], 33)
-    compare(lambda: P_EXACT.pairsum("wbce", *kin, npos=npos, nneg=nneg),
-            lambda: oracle_pairsum("wbce", *oin, npos=npos, nneg=nneg), kin, oin, 1e-2, 1e-4, "WD wbce fp16")
-    compare(lambda: P_EXACT.lse(*kin[:4]), lambda: oracle_lse(*oin[:4]), kin[:4] + (None,), oin[:4] + (None,),
-            1e-2, 1e-4, "WD lse fp16")
 
 
 @pytest.mark.parametrize("how", ["flag-off", "over-cap"])

@@ -152,22 +152,28 @@ def save(results: dict, path=None) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- timing
-def _problem(n, d, dtype, kind, lowrank, device, r=10):
+def problem(n, d, dtype, kind, lowrank, device, r=10, seed=0):
+    """Benchmark inputs: unit-norm features (n × d, dtype), scale 1/0.07, a low-rank target of rank r (diag 1,
+    factors 0.1·N(0, 1)) when ``lowrank``, a bias −10 for siglip; all leaves require grad. Returns
+    (img, txt, scale, target, bias, leaves)."""
     from ..targets import LowRankTarget
 
-    g = torch.Generator(device=device).manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(seed)
     img = torch.nn.functional.normalize(torch.randn(n, d, generator=g, device=device), dim=-1)
     txt = torch.nn.functional.normalize(torch.randn(n, d, generator=g, device=device), dim=-1)
     img, txt = img.to(dtype).requires_grad_(True), txt.to(dtype).requires_grad_(True)
     scale = torch.tensor(1 / 0.07, device=device, dtype=dtype, requires_grad=True)
-    leaves, tgt = [img, txt, scale], None
+    leaves, tgt, bias = [img, txt, scale], None, None
     if lowrank:
         a = torch.ones(n, device=device, dtype=dtype, requires_grad=True)
         L = (torch.randn(n, r, generator=g, device=device) * 0.1).to(dtype).requires_grad_(True)
         R = (torch.randn(n, r, generator=g, device=device) * 0.1).to(dtype).requires_grad_(True)
         tgt = LowRankTarget(a, L, R, 1.0 / r)
         leaves += [a, L, R]
-    return img, txt, scale, tgt, leaves
+    if kind == "siglip":
+        bias = torch.tensor(-10.0, device=device, dtype=dtype, requires_grad=True)
+        leaves.append(bias)
+    return img, txt, scale, tgt, bias, leaves
 
 
 def _workload(stage, n, d, dtype, device):
@@ -177,7 +183,7 @@ def _workload(stage, n, d, dtype, device):
     kind, lowrank = STAGES[stage]
     if stage.startswith("dbl"):
         n = min(n, 8192)
-    img, txt, scale, tgt, leaves = _problem(n, d, dtype, kind, lowrank, device)
+    img, txt, scale, tgt, _, leaves = problem(n, d, dtype, kind, lowrank, device)
     if stage.startswith("fwd"):
         def run():
             with torch.no_grad():
