@@ -12,7 +12,9 @@ reports what can be known without running it:
 * registers per thread and **spill** bytes (local-memory traffic in the inner loop is slow);
 * whether the tile loads are software-pipelined (`async` = cp.async copies in flight across loop
   iterations) or synchronous (`sync2d` = 2-D tile loads that stall the loop), and the number of wgmma
-  (Hopper tensor-core) dots.
+  (Hopper tensor-core) dots;
+* the SASS instruction count (cuobjdump): the loop body dominates it, so it tracks the elementwise work
+  per tile between two builds of the same tiles.
 
 It measures nothing about speed: it tells which configs are worth timing on a GPU (bench/gpu_check.py's
 sweep) and guards the defaults (tests/test_triton_aot.py: they compile for sm_90a, fit shared memory and
@@ -122,21 +124,27 @@ def compile_one(stage, kind, tgt, dtype, D, override=None):
     except Exception as e:  # out of resources at compile time, unsupported layout, ...
         row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
         return row
-    ptx = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"lors_aot_{os.getpid()}.ptx")
-    with open(ptx, "w") as f:
+    tmp = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"lors_aot_{os.getpid()}")
+    with open(tmp + ".ptx", "w") as f:
         f.write(k.asm["ptx"])
+    with open(tmp + ".cubin", "wb") as f:
+        f.write(k.asm["cubin"])
     try:
-        info = subprocess.run([_ptxas(), "-v", "--gpu-name", "sm_90a", ptx, "-o", os.devnull],
+        info = subprocess.run([_ptxas(), "-v", "--gpu-name", "sm_90a", tmp + ".ptx", "-o", os.devnull],
                               capture_output=True, text=True, check=True).stderr
+        sass = subprocess.run([os.path.join(os.path.dirname(_ptxas()), "cuobjdump"), "--dump-sass", tmp + ".cubin"],
+                              capture_output=True, text=True).stdout
     finally:
-        os.remove(ptx)
+        os.remove(tmp + ".ptx")
+        os.remove(tmp + ".cubin")
     g = k.asm["ttgir"]
     row.update(
         ok=True, compile_s=round(time.time() - t0, 1), shared=int(k.metadata.shared),
         regs=int(re.search(r"Used (\d+) registers", info).group(1)),
         spill=int(re.search(r"(\d+) bytes spill stores", info).group(1)),
         wgmma=g.count("ttng.warp_group_dot "), async_copies=g.count("async_copy_global_to_local"),
-        sync2d=len(re.findall(r"tt\.load [^\n]*tensor<\d+x\d+x!tt\.ptr", g)))
+        sync2d=len(re.findall(r"tt\.load [^\n]*tensor<\d+x\d+x!tt\.ptr", g)),
+        instr=len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+\S", sass, re.M)) or None)
     row["fits"] = row["shared"] <= SMEM_LIMIT
     return row
 
@@ -148,13 +156,13 @@ def fmt(row):
     head = (f"| {row['stage']} | {row['kind']}/{row['target']} | {row['dtype']} | {row['d']} | {cfg} | "
             f"{'default' if row['default'] else 'candidate'} |")
     if not row["ok"]:
-        return head + f" fails: {row['error']} | | | | | |"
+        return head + f" fails: {row['error']} | | | | | | |"
     return head + (f" {row['shared'] // 1024} KiB{'' if row['fits'] else ' (> 227: fails)'} | {row['regs']} | "
-                   f"{row['spill']} | {row['async_copies']} | {row['sync2d']} | {row['wgmma']} |")
+                   f"{row['spill']} | {row['async_copies']} | {row['sync2d']} | {row['wgmma']} | {row['instr']} |")
 
 
 HEADER = ("| stage | kind/target | dtype | d | config | | shared | regs | spill B | async | sync 2-D loads | "
-          "wgmma |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "wgmma | SASS instr |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main(argv=None):

@@ -130,9 +130,9 @@ def _config(stage: str, D: int, dtype: torch.dtype, device) -> _Cfg:
         # 16-bit LSE defaults: the best of bench/gpu_check.py's sweep on an H200 (bench/RESULTS_GPU.md)
         # (fwd: BM = 128 is within 3 % of the fastest BM = 64 and halves the column-partials buffer)
         # Pair kinds: narrower tiles, chosen by bench/aot_check.py (sm_90a build, bench/RESULTS_AOT.md) where
-        # the LSE tiles spill registers (bytes per thread, bf16 / fp32): fwd 128×128 → 708 / -, 128×64 → 0 / 0;
-        # bwd BN 64 → 1228 / 424, BN 32 → 156 / 0; dbl BN 64 → 3528 / 3364, BN 32 → 568 / 340 (not yet timed
-        # on a GPU: gpu_check.py's sweep times them against the LSE tiles)
+        # the LSE tiles spill registers (bf16, bytes per thread when chosen: fwd 128×128 → 708, 128×64 → 0;
+        # bwd BN 64 → 1228, BN 32 → 156; dbl BN 64 → 3528, BN 32 → 568). Not yet timed on a GPU: the
+        # tuning (lors-fast tune-kernels, gpu_check.py) times them against the LSE tiles.
         if stage == "fwd":
             c = (dict(BM=128, BN=128, BK=64, BDO=16, num_warps=8, num_stages=4) if small else
                  dict(BM=128, BN=64, BK=32, BDO=16, num_warps=8, num_stages=3))

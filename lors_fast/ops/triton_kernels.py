@@ -22,8 +22,17 @@ host sync and no recompile when they change).
 This module imports triton: import it lazily (lors_fast.ops.triton_backend does).
 """
 
+import os
+
 import triton
 import triton.language as tl
+
+try:  # NVIDIA's libdevice wrappers (fast_logf); absent builds fall back to tl.log
+    from triton.language.extra.cuda import libdevice as _libdevice
+except ImportError:  # pragma: no cover - non-CUDA triton builds
+    _libdevice = None
+# like @triton.jit itself, decided when this module is first imported
+_FAST_LOG = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1" and _libdevice is not None)
 
 KIND_LSE = 0
 KIND_BCE = 1
@@ -127,10 +136,22 @@ def _xt_tiles_wd(a, ab, B, Bb, offs_n, N, D, BM: tl.constexpr, BN: tl.constexpr,
 
 
 @triton.jit
+def _ln(x):
+    """Natural log of an fp32 tile. Compiled: libdevice's fast_logf (the hardware lg2.approx times ln 2: one MUFU
+    op; error ≤ ~2⁻²² relative, ~1e-7 absolute near 1 — below the fp32 rounding of its argument 1 + e^{-|z|})
+    instead of the polynomial logf (~15 instructions), which made the pair kinds' elementwise work outweigh
+    their tile GEMMs (bench/RESULTS_AOT.md). The interpreter (no extern calls; fp64 tests) uses tl.log."""
+    if _FAST_LOG:
+        return _libdevice.fast_logf(x)
+    else:
+        return tl.log(x)
+
+
+@triton.jit
 def _phi(z, S, wpos, wneg, KIND: tl.constexpr):
     """φ(z, S) and its partial derivatives (f, f_z, f_S, f_zz, f_zS, f_SS), elementwise."""
     e = tl.exp(-tl.abs(z))  # e^{-|z|} in (0, 1]
-    sp = tl.maximum(z, 0.0) + tl.log(1.0 + e)  # softplus(z)
+    sp = tl.maximum(z, 0.0) + _ln(1.0 + e)  # softplus(z)
     inv = 1.0 / (1.0 + e)
     sig = tl.where(z >= 0, inv, e * inv)  # σ(z)
     sigm = tl.where(z >= 0, e * inv, inv)  # 1 − σ(z) = σ(−z), no cancellation
@@ -151,8 +172,8 @@ def _phi(z, S, wpos, wneg, KIND: tl.constexpr):
         w = tl.where(S > 0.5, zero + wpos, zero + wneg)
         pa = sig + 1e-6
         pb = sigm + 1e-6
-        la = tl.log(pa)
-        lb = tl.log(pb)
+        la = _ln(pa)
+        lb = _ln(pb)
         f = w * (-S * la - (1.0 - S) * lb)
         f1 = w * (-S * t / pa + (1.0 - S) * t / pb)
         f2 = w * (lb - la)
