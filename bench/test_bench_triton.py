@@ -5,7 +5,8 @@
 Each case times forward+backward (``torch.autograd.grad`` w.r.t. every input) with ``triton.testing.do_bench``
 inside ``benchmark.pedantic`` (one round = one do_bench median), and records median/p20/p80 ms, TFLOP/s by
 the FLOP model 8·N²·(d+r) (KERNELS.md) and peak memory in ``benchmark.extra_info``. Providers: triton,
-reference (eager, materialised), compile (torch.compile of the reference), and, for the symmetric hard-label
+streaming (our chunked torch path), reference (eager, materialised), compile (torch.compile of the
+reference), and, for the symmetric hard-label
 CLIP loss only (kind infonce, identity target), infcl (Inf-CL, ``inf_cl.cal_flash_loss`` both ways, averaged)
 and openclip (``open_clip.loss.ClipLoss``, materialised), each skipped when not importable. The one-shot
 script with the correctness sweep is bench/gpu_check.py (its docstring: offline install of the two packages).
@@ -17,7 +18,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -26,29 +26,15 @@ SIZES = [4096, 16384, 32768, 65536]
 DIMS = [512, 768]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 KINDS = [("infonce", False), ("infonce", True), ("wbce", True), ("siglip", False)]
-PROVIDERS = ["triton", "reference", "compile", "infcl", "openclip"]
+PROVIDERS = ["triton", "streaming", "reference", "compile", "infcl", "openclip"]
 OTHERS = ("infcl", "openclip")  # outside implementations of the hard-label CLIP loss (infonce, identity) only
 _COMPILED = {}
 
 
 def _inputs(N, d, dtype, kind, lowrank, r=10):
-    from lors_fast import LowRankTarget
+    from lors_fast.ops.triton_tuning import problem  # the inputs `lors-fast tune-kernels` and gpu_check time
 
-    g = torch.Generator(device="cuda").manual_seed(0)
-    img = F.normalize(torch.randn(N, d, generator=g, device="cuda"), dim=-1).to(dtype).requires_grad_(True)
-    txt = F.normalize(torch.randn(N, d, generator=g, device="cuda"), dim=-1).to(dtype).requires_grad_(True)
-    scale = torch.tensor(1 / 0.07, device="cuda", dtype=dtype, requires_grad=True)
-    leaves, tgt = [img, txt, scale], None
-    if lowrank:
-        a = torch.ones(N, device="cuda", dtype=dtype, requires_grad=True)
-        L = (torch.randn(N, r, generator=g, device="cuda") * 0.1).to(dtype).requires_grad_(True)
-        R = (torch.randn(N, r, generator=g, device="cuda") * 0.1).to(dtype).requires_grad_(True)
-        tgt = LowRankTarget(a, L, R, 1.0 / r)
-        leaves += [a, L, R]
-    bias = torch.tensor(-10.0, device="cuda", dtype=dtype, requires_grad=True) if kind == "siglip" else None
-    if bias is not None:
-        leaves.append(bias)
-    return img, txt, scale, tgt, bias, leaves
+    return problem(N, d, dtype, kind, lowrank, "cuda", r=r)
 
 
 def _clip_loss_cls():
@@ -87,8 +73,8 @@ def _loss_fn(provider, kind, lowrank):
         return _other_loss_fn(provider)
     if provider == "triton":
         return lambda *a, **k: lors_fast.contrastive_loss(*a, **k, backend="triton")
-    if provider == "reference":
-        return lambda *a, **k: lors_fast.contrastive_loss(*a, **k, backend="reference")
+    if provider in ("reference", "streaming"):
+        return lambda *a, **k: lors_fast.contrastive_loss(*a, **k, backend=provider)
     key = (kind, lowrank)
     if key not in _COMPILED:
         _COMPILED[key] = torch.compile(
@@ -99,7 +85,7 @@ def _loss_fn(provider, kind, lowrank):
 
 def _fits(provider, N, dtype):
     """Materialised providers keep several N×N matrices: skip what would not fit in ~100 GiB."""
-    if provider in ("triton", "infcl"):
+    if provider in ("triton", "infcl", "streaming"):
         return True
     return 8 * N * N * (2 if dtype == torch.bfloat16 else 4) < 100 * 2**30
 

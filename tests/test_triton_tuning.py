@@ -95,7 +95,6 @@ def test_bad_tables_and_arguments(table_path):
 
 def test_cli_tune_kernels(tmp_path, monkeypatch):
     from click.testing import CliRunner
-
     from lors_fast.cli import main
 
     out = tmp_path / "t.json"

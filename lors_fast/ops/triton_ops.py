@@ -17,6 +17,8 @@ Absent optional inputs (no bias, identity target) come back from the backward op
 placeholders, mapped to None here: custom ops cannot return None.
 """
 
+# ruff: noqa: UP045 — torch.library.custom_op infers each op's schema from these annotations; Optional[Tensor]
+# is the spelling every supported torch version (>= 2.4) parses.
 from __future__ import annotations
 
 from typing import Optional

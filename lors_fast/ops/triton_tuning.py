@@ -82,7 +82,7 @@ def device_key(device) -> str:
     return device.type  # "cpu": the interpreter (tests); "cuda" without a GPU: configs for an offline build
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
