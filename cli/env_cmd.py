@@ -17,6 +17,23 @@ def _version(mod: str) -> str:
     return getattr(m, "__version__", "installed")
 
 
+def _tuned_summary(device) -> str:
+    """Which tuned launch-config tables exist and how many entries they hold for this device."""
+    from lors_fast.ops import triton_tuning as tt
+
+    key = tt.device_key(device)
+    parts = []
+    for name, path in (("packaged", tt.PACKAGED), ("user", tt.user_table_path())):
+        try:
+            table = tt.load_table(path)
+        except ValueError as e:
+            parts.append(f"{name} {path}: unreadable ({e})")
+            continue
+        n = len(table.get("devices", {}).get(key, {})) if table else 0
+        parts.append(f"{name} {path}: {n} entries for {key}" if table else f"{name}: none")
+    return "; ".join(parts) + " (built-in defaults otherwise; `lors-fast tune-kernels` writes the user table)"
+
+
 @click.command()
 def env():
     """Print versions, the device, and which loss backend `auto` picks."""
@@ -36,6 +53,8 @@ def env():
     device = torch.device("cuda" if cuda else "cpu")
     rows.append(("loss backend (auto)", f"{resolve_backend('auto', device)} on {device}"))
     rows.append(("triton kernels", "available" if triton_available() else "unavailable"))
+    if triton_available():
+        rows.append(("triton configs", _tuned_summary(device)))
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         rows.append(("TRITON_INTERPRET", "on (kernels run on CPU in the interpreter)"))
     width = max(len(k) for k, _ in rows)
