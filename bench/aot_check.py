@@ -13,8 +13,8 @@ reports what can be known without running it:
 * whether the tile loads are software-pipelined (`async` = cp.async copies in flight across loop
   iterations) or synchronous (`sync2d` = 2-D tile loads that stall the loop), and the number of wgmma
   (Hopper tensor-core) dots;
-* the SASS instruction count (cuobjdump): the loop body dominates it, so it tracks the elementwise work
-  per tile between two builds of the same tiles.
+* the SASS instruction count (cuobjdump, NOP padding excluded): the loop body dominates it, so it tracks the
+  elementwise work per tile between two builds of the same tiles.
 
 It measures nothing about speed: it tells which configs are worth timing on a GPU (bench/gpu_check.py's
 sweep) and guards the defaults (tests/test_triton_aot.py: they compile for sm_90a, fit shared memory and
@@ -35,7 +35,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-SMEM_LIMIT = 227 * 1024  # H100/H200 opt-in shared memory per block
+# compute capability -> (ptxas arch, opt-in shared memory per block): H100/H200, A100, L4/RTX 4090
+ARCHS = {90: ("sm_90a", 227 * 1024), 80: ("sm_80", 163 * 1024), 89: ("sm_89", 99 * 1024)}
+SMEM_LIMIT = ARCHS[90][1]
 KINDS = {"lse": 0, "bce": 1, "wbce": 2, "mse": 3, "softplus": 4}
 # (stage, kind, target): what a contrastive loss launches (infonce/siglip: lse/softplus with the identity
 # target; the low-rank kinds: wbce/bce/mse with TGT = 1)
@@ -62,7 +64,7 @@ def _kernel(stage):
     return {"fwd": K._fwd_kernel, "bwd": K._bwd_kernel, "pre": K._dbl_pre_kernel, "dbl": K._dbl_kernel}[stage]
 
 
-def constexprs(stage, kind, tgt, dtype, D, override=None):
+def constexprs(stage, kind, tgt, dtype, D, override=None, cc: int = 90):
     """The constexpr arguments and launch options the backend would use for this specialisation on CUDA."""
     import triton.language as tl
 
@@ -74,7 +76,7 @@ def constexprs(stage, kind, tgt, dtype, D, override=None):
         tb.CONFIG_OVERRIDE.clear()
         if override:
             tb.CONFIG_OVERRIDE[cstage] = dict(override)
-        cfg = tb._config(cstage, D, dtype, torch.device("cuda"))
+        cfg = tb._config(cstage, D, dtype, torch.device("cuda"), cc=cc)
     finally:
         tb.CONFIG_OVERRIDE.clear()
         tb.CONFIG_OVERRIDE.update(saved)
@@ -94,14 +96,15 @@ def constexprs(stage, kind, tgt, dtype, D, override=None):
     return c, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), cfg
 
 
-def compile_one(stage, kind, tgt, dtype, D, override=None):
-    """Compile one specialisation for sm_90a; a dict of its resources (or the error)."""
+def compile_one(stage, kind, tgt, dtype, D, override=None, cc: int = 90):
+    """Compile one specialisation for compute capability ``cc`` (default 90: sm_90a); a dict of its resources
+    (or the error)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     fn = _kernel(stage)
-    consts, opts, cfg = constexprs(stage, kind, tgt, dtype, D, override)
+    consts, opts, cfg = constexprs(stage, kind, tgt, dtype, D, override, cc)
     lowp = "*bf16" if dtype == torch.bfloat16 else "*fp16" if dtype == torch.float16 else "*fp32"
     sig = {}
     for n in fn.arg_names:
@@ -114,13 +117,13 @@ def compile_one(stage, kind, tgt, dtype, D, override=None):
     # what the launcher's specialisation sees: 16-byte aligned pointers, D divisible by 16 when it is
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names
              if sig[n].startswith("*") or (n == "D" and D % 16 == 0)}
-    row = dict(stage=stage, kind=kind, target="lowrank" if tgt else "identity",
+    row = dict(arch=ARCHS[cc][0], stage=stage, kind=kind, target="lowrank" if tgt else "identity",
                dtype=str(dtype).replace("torch.", ""), d=D, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BDO=cfg.BDO,
                WD=cfg.WD, num_warps=cfg.num_warps, num_stages=cfg.num_stages, default=not override)
     t0 = time.time()
     try:
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                           target=GPUTarget("cuda", 90, 32), options=opts)
+                           target=GPUTarget("cuda", cc, 32), options=opts)
     except Exception as e:  # out of resources at compile time, unsupported layout, ...
         row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
         return row
@@ -130,7 +133,7 @@ def compile_one(stage, kind, tgt, dtype, D, override=None):
     with open(tmp + ".cubin", "wb") as f:
         f.write(k.asm["cubin"])
     try:
-        info = subprocess.run([_ptxas(), "-v", "--gpu-name", "sm_90a", tmp + ".ptx", "-o", os.devnull],
+        info = subprocess.run([_ptxas(), "-v", "--gpu-name", ARCHS[cc][0], tmp + ".ptx", "-o", os.devnull],
                               capture_output=True, text=True, check=True).stderr
         sass = subprocess.run([os.path.join(os.path.dirname(_ptxas()), "cuobjdump"), "--dump-sass", tmp + ".cubin"],
                               capture_output=True, text=True).stdout
@@ -144,8 +147,8 @@ def compile_one(stage, kind, tgt, dtype, D, override=None):
         spill=int(re.search(r"(\d+) bytes spill stores", info).group(1)),
         wgmma=g.count("ttng.warp_group_dot "), async_copies=g.count("async_copy_global_to_local"),
         sync2d=len(re.findall(r"tt\.load [^\n]*tensor<\d+x\d+x!tt\.ptr", g)),
-        instr=len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+\S", sass, re.M)) or None)
-    row["fits"] = row["shared"] <= SMEM_LIMIT
+        instr=len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?!NOP\b)\S", sass, re.M)) or None)
+    row["fits"] = row["shared"] <= ARCHS[cc][1]
     return row
 
 
@@ -173,6 +176,8 @@ def main(argv=None):
     ap.add_argument("--candidates", action="store_true",
                     help="instead of the defaults: the tuning candidates (lors_fast.ops.triton_tuning), bf16")
     ap.add_argument("--stages", nargs="+", default=None)
+    ap.add_argument("--cc", type=int, default=90, choices=sorted(ARCHS),
+                    help="compute capability x10: 90 H100/H200 (default), 80 A100, 89 L4/RTX 4090")
     ap.add_argument("--md", default=None, help="append the table to this markdown file")
     ap.add_argument("--json", default=None, help="write the rows to this JSON file")
     a = ap.parse_args(argv)
@@ -185,7 +190,7 @@ def main(argv=None):
             stage, kind, tgt = SWEEP_CASES[key]
             for ov in cands:
                 for D in a.d:
-                    row = compile_one(stage, kind, tgt, torch.bfloat16, D, ov)
+                    row = compile_one(stage, kind, tgt, torch.bfloat16, D, ov, cc=a.cc)
                     rows.append(row)
                     print(fmt(row), flush=True)
         a.dtype = []
@@ -195,7 +200,7 @@ def main(argv=None):
             for stage, kind, tgt in CASES:
                 if a.stages and stage not in a.stages:
                     continue
-                row = compile_one(stage, kind, tgt, dtype, D)
+                row = compile_one(stage, kind, tgt, dtype, D, cc=a.cc)
                 rows.append(row)
                 print(fmt(row), flush=True)
     if a.md:

@@ -36,6 +36,7 @@ target tiles (default: "ieee" when the main GEMMs are exact, "tf32" otherwise). 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -119,9 +120,24 @@ class _Cfg:
         self.WD, self.DP = bool(WD), DP
 
 
-def _config(stage: str, D: int, dtype: torch.dtype, device) -> _Cfg:
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def _arch(device) -> int:
+    """Compute capability ×10 of a CUDA device (90 for H100/H200); 90 when there is no GPU to ask (offline
+    builds, the interpreter)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return 90
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _config(stage: str, D: int, dtype: torch.dtype, device, cc: int | None = None) -> _Cfg:
     """Launch config of a stage: "fwd", "bwd", "pre", "dbl" (the LSE kernels) or "fwd_pair", "bwd_pair",
-    "dbl_pair" (the pair kinds bce/wbce/mse/softplus, whose elementwise tiles hold more live registers)."""
+    "dbl_pair" (the pair kinds bce/wbce/mse/softplus, whose elementwise tiles hold more live registers), for a
+    GPU of compute capability ``cc`` (default: the device's)."""
     if device.type != "cuda":  # interpreter: few, big programs
         c = dict(BM=64, BN=64, BK=32, BDO=32, num_warps=4, num_stages=1)
     else:
@@ -139,6 +155,10 @@ def _config(stage: str, D: int, dtype: torch.dtype, device) -> _Cfg:
         elif stage == "fwd_pair":
             c = (dict(BM=128, BN=64, BK=64, BDO=16, num_warps=8, num_stages=4) if small else
                  dict(BM=128, BN=64, BK=32, BDO=16, num_warps=8, num_stages=3))
+        elif stage == "bwd_pair" and small and (cc or _arch(device)) < 90:
+            # before Hopper (mma.sync, no wgmma) the 64×512 output accumulator of the 16-bit pair backward
+            # spills 6584 B per thread on sm_80 (A100), 24 B with BDO = 256 and BK = 32 (RESULTS_AOT.md)
+            c = dict(BM=64, BN=32, BK=32, BDO=min(dp, 256), num_warps=8, num_stages=2)
         elif stage in ("bwd", "bwd_pair"):
             c = dict(BM=64, BN=32 if stage == "bwd_pair" else 64, BK=64 if small else 32,
                      BDO=min(dp, 512 if small else 128), num_warps=8, num_stages=2)
