@@ -120,7 +120,7 @@ class _Cfg:
         self.WD, self.DP = bool(WD), DP
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _capability(index: int) -> int:
     major, minor = torch.cuda.get_device_capability(index)
     return 10 * major + minor
