@@ -143,25 +143,30 @@ def _config(stage: str, D: int, dtype: torch.dtype, device, cc: int | None = Non
     else:
         small = dtype in (torch.bfloat16, torch.float16)
         dp = max(16, _pow2(D))
+        hopper = (cc or _arch(device)) >= 90
         # 16-bit LSE defaults: the best of bench/gpu_check.py's sweep on an H200 (bench/RESULTS_GPU.md)
-        # (fwd: BM = 128 is within 3 % of the fastest BM = 64 and halves the column-partials buffer)
-        # Pair kinds: narrower tiles, chosen by bench/aot_check.py (sm_90a build, bench/RESULTS_AOT.md) where
-        # the LSE tiles spill registers (bf16, bytes per thread when chosen: fwd 128×128 → 708, 128×64 → 0;
-        # bwd BN 64 → 1228, BN 32 → 156; dbl BN 64 → 3528, BN 32 → 568). Not yet timed on a GPU: the
-        # tuning (lors-fast tune-kernels, gpu_check.py) times them against the LSE tiles.
+        # (fwd: BM = 128 is within 3 % of the fastest BM = 64 and halves the column-partials buffer).
+        # The rest was chosen from sm_90a / sm_80 builds by bench/aot_check.py (bench/RESULTS_AOT.md: register
+        # spills per thread, GEMM work) and is not yet timed on a GPU; the tuning (lors-fast tune-kernels,
+        # gpu_check.py) times the alternatives:
+        # - pair kinds: narrower tiles than the LSE ones, which spill there (bf16, when chosen: fwd 128×128
+        #   708 B → 128×64 0; bwd BN 64 1228 → BN 32 156; dbl BN 64 3528 → BN 32 568);
+        # - fp32 backward: d-chunks of 512 (LSE) / 256 (pair) with BN 32, no spills; the former BDO 128
+        #   recomputed the Z tile 4× per pass at d = 512 (5 GEMM-units per pass instead of 2–3);
+        # - before Hopper (no wgmma): the 64×512 accumulator of the 16-bit pair backward spills 6584 B on sm_80,
+        #   24 B with BDO 256, BK 32; the fp32 pair backward keeps BDO 128 there (584 B at 256).
         if stage == "fwd":
             c = (dict(BM=128, BN=128, BK=64, BDO=16, num_warps=8, num_stages=4) if small else
                  dict(BM=128, BN=64, BK=32, BDO=16, num_warps=8, num_stages=3))
         elif stage == "fwd_pair":
             c = (dict(BM=128, BN=64, BK=64, BDO=16, num_warps=8, num_stages=4) if small else
                  dict(BM=128, BN=64, BK=32, BDO=16, num_warps=8, num_stages=3))
-        elif stage == "bwd_pair" and small and (cc or _arch(device)) < 90:
-            # before Hopper (mma.sync, no wgmma) the 64×512 output accumulator of the 16-bit pair backward
-            # spills 6584 B per thread on sm_80 (A100), 24 B with BDO = 256 and BK = 32 (RESULTS_AOT.md)
-            c = dict(BM=64, BN=32, BK=32, BDO=min(dp, 256), num_warps=8, num_stages=2)
-        elif stage in ("bwd", "bwd_pair"):
-            c = dict(BM=64, BN=32 if stage == "bwd_pair" else 64, BK=64 if small else 32,
-                     BDO=min(dp, 512 if small else 128), num_warps=8, num_stages=2)
+        elif stage == "bwd":
+            c = (dict(BM=64, BN=64, BK=64, BDO=min(dp, 512), num_warps=8, num_stages=2) if small else
+                 dict(BM=64, BN=32, BK=32, BDO=min(dp, 512), num_warps=8, num_stages=2))
+        elif stage == "bwd_pair":
+            bdo = 512 if small and hopper else 256 if small or hopper else 128
+            c = dict(BM=64, BN=32, BK=64 if small and hopper else 32, BDO=min(dp, bdo), num_warps=8, num_stages=2)
         elif stage == "pre":
             c = dict(BM=64, BN=64, BK=64 if small else 32, BDO=16, num_warps=4, num_stages=2)
         elif stage in ("dbl", "dbl_pair"):
