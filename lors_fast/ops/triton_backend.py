@@ -152,7 +152,8 @@ def _config(stage: str, D: int, dtype: torch.dtype, device, cc: int | None = Non
         # - pair kinds: narrower tiles than the LSE ones, which spill there (bf16, when chosen: fwd 128×128
         #   708 B → 128×64 0; bwd BN 64 1228 → BN 32 156; dbl BN 64 3528 → BN 32 568);
         # - fp32 backward: d-chunks of 512 (LSE) / 256 (pair) with BN 32, no spills; the former BDO 128
-        #   recomputed the Z tile 4× per pass at d = 512 (5 GEMM-units per pass instead of 2–3);
+        #   recomputed the Z tile 4× per pass at d = 512 (5 GEMM-units per pass instead of 2–3); likewise
+        #   the fp32 LSE double backward: BDO 256 with BN 32 (8 GEMM-units per pass instead of 14);
         # - before Hopper (no wgmma): the 64×512 accumulator of the 16-bit pair backward spills 6584 B on sm_80,
         #   24 B with BDO 256, BK 32; the fp32 pair backward keeps BDO 128 there (584 B at 256).
         if stage == "fwd":
@@ -169,6 +170,8 @@ def _config(stage: str, D: int, dtype: torch.dtype, device, cc: int | None = Non
             c = dict(BM=64, BN=32, BK=64 if small and hopper else 32, BDO=min(dp, bdo), num_warps=8, num_stages=2)
         elif stage == "pre":
             c = dict(BM=64, BN=64, BK=64 if small else 32, BDO=16, num_warps=4, num_stages=2)
+        elif stage == "dbl" and not small:  # fp32: BDO 128 → 256 halves the Z/T recomputes; spills 8 → 0 B
+            c = dict(BM=64, BN=32, BK=32, BDO=min(dp, 256), num_warps=8, num_stages=2)
         elif stage in ("dbl", "dbl_pair"):
             c = dict(BM=64, BN=32 if stage == "dbl_pair" else 64, BK=64 if small else 32,
                      BDO=min(dp, 256 if small else 128), num_warps=8, num_stages=2)
