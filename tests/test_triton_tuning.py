@@ -123,3 +123,50 @@ def test_env_reports_tuned_tables(table_path):
                                                              triton="x", date="y")]})
     r = CliRunner().invoke(main, ["env"])
     assert r.exit_code == 0 and f"1 entries for {tt.device_key(dev)}" in r.output, r.output
+
+
+@pytest.mark.parametrize("stage", list(tt.CANDIDATES))
+def test_every_candidate_config_is_correct(stage, monkeypatch):
+    # whatever the GPU tuning picks computes the same values, gradients and second derivatives (interpreter,
+    # float64 vs the reference; every candidate of the stage in turn, the stage's own workload kind)
+    import lors_fast
+    from lors_fast import LowRankTarget
+
+    kind, lowrank = tt.STAGES[stage]
+    g = torch.Generator().manual_seed(11)
+    n, d, r = 40, 40, 3
+    U = torch.randn(n, d, generator=g, dtype=torch.float64).div(d ** 0.5).to(DEV).requires_grad_(True)
+    V = torch.randn(n, d, generator=g, dtype=torch.float64).div(d ** 0.5).to(DEV).requires_grad_(True)
+    s = torch.tensor(4.0, dtype=torch.float64, device=DEV, requires_grad=True)
+    xs = [U, V, s]
+    tgt = None
+    if lowrank:
+        a = torch.rand(n, generator=g, dtype=torch.float64).to(DEV).requires_grad_(True)
+        L = (torch.randn(n, r, generator=g, dtype=torch.float64) * 0.3).to(DEV).requires_grad_(True)
+        R = (torch.randn(n, r, generator=g, dtype=torch.float64) * 0.3).to(DEV).requires_grad_(True)
+        tgt = LowRankTarget(a, L, R, 1.0 / r)
+        xs += [a, L, R]
+    if DEV == "cuda":
+        pytest.skip("float64 kernels are interpreter-only; the GPU check post-checks the tuned configs")
+
+    def derivs(backend):
+        loss = lors_fast.contrastive_loss(U, V, s, tgt, kind=kind, backend=backend)
+        g1 = torch.autograd.grad(loss, xs, create_graph=True)
+        w = torch.Generator().manual_seed(5)
+        f2 = sum((torch.randn(x.shape, generator=w, dtype=torch.float64) * x).sum() for x in g1)
+        return [loss.detach()] + [x.detach() for x in g1] + list(torch.autograd.grad(f2, xs))
+
+    ref = derivs("reference")
+    for cfg in tt.CANDIDATES[stage]:
+        if cfg is None:
+            continue
+        key = stage.replace("_pair", "")  # applied to every pass of its family, so each kernel runs it
+        over = {(st + ("_pair" if stage.endswith("_pair") else ""), "float64"): dict(cfg)
+                for st in (("fwd", "bwd", "dbl") if key in ("fwd", "bwd", "dbl") else (key,))}
+        if not stage.endswith("_pair"):
+            over[("pre", "float64")] = {k: v for k, v in cfg.items() if k != "BDO"}
+        monkeypatch.setattr(tb, "CONFIG_OVERRIDE", over)
+        got = derivs("triton")
+        for i, (a_, b_) in enumerate(zip(got, ref)):
+            err = float((a_ - b_).abs().max())
+            assert err <= 1e-9 * max(1.0, float(b_.abs().max())), (stage, cfg, i, err)
