@@ -18,10 +18,12 @@ _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
               help="batch size to time at (the double backward stages use min(n, 8192))")
 @click.option("--stage", "stages", multiple=True, help="only these stages (repeatable); default: all")
 @click.option("--budget", type=click.FloatRange(min=1), default=None, help="stop starting candidates after S seconds")
+@click.option("--margin", type=click.FloatRange(min=0, max=0.5), default=0.03, show_default=True,
+              help="a candidate replaces the default only when faster by more than this fraction")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="table to merge the results into [default: $LORS_FAST_TRITON_CONFIGS or "
                    "~/.cache/lors_fast/triton_configs.json]")
-def tune_kernels(dtype, d, n, stages, budget, out):
+def tune_kernels(dtype, d, n, stages, budget, margin, out):
     """Time candidate launch configs of the fused Triton kernels per stage; save the fastest.
 
     Needs a CUDA GPU (with TRITON_INTERPRET=1 it runs on CPU in the interpreter: a smoke test, not a tuning).
@@ -41,7 +43,7 @@ def tune_kernels(dtype, d, n, stages, budget, out):
         raise click.UsageError("tune-kernels needs a CUDA GPU (or TRITON_INTERPRET=1 for a CPU smoke run)")
     dt = getattr(torch, _DTYPES[dtype])
     try:
-        res = triton_tuning.tune(device, dt, d=d, n=n, stages=stages or None, budget_s=budget,
+        res = triton_tuning.tune(device, dt, d=d, n=n, stages=stages or None, budget_s=budget, margin=margin,
                                  log=lambda m: click.echo(m))
     except ValueError as e:
         raise click.UsageError(str(e)) from e

@@ -212,13 +212,15 @@ def _time_ms(fn, device, rep_ms):
 
 
 def tune(device="cuda", dtype=torch.bfloat16, d: int = 512, n: int = 16384, stages=None, candidates=None,
-         budget_s: float | None = None, rep_ms: int = 30, log=None) -> dict:
+         budget_s: float | None = None, rep_ms: int = 30, margin: float = 0.03, log=None) -> dict:
     """Time each candidate config of each stage (forward / backward / double backward of the LSE and pair
     kernels) on ``n`` × ``d`` inputs of ``dtype`` and keep the fastest per stage. Stages run in the order of
     ``stages`` (default: :data:`STAGES`); each stage's winner stays applied (CONFIG_OVERRIDE) while the later
     ones are timed, and all are removed at the end. ``budget_s``: stop starting new candidates after that
-    many seconds. Returns ``{"device", "entries": [{"stage", "key", "config", "ms", "table", ...}]}`` for
-    :func:`save`; a candidate that fails (compile error, out of memory) is recorded and skipped."""
+    many seconds. A candidate replaces the stage's default only when it is faster by more than ``margin``
+    (timing noise must not move the defaults). Returns ``{"device", "entries": [{"stage", "key", "config", "ms",
+    "table", ...}]}`` for :func:`save`; a candidate that fails (compile error, out of memory) is recorded and
+    skipped."""
     from . import triton_backend as tb
 
     log = log or (lambda *a: None)
@@ -266,6 +268,9 @@ def tune(device="cuda", dtype=torch.bfloat16, d: int = 512, n: int = 16384, stag
             if not timed:
                 continue
             best = min(timed, key=lambda t: t["ms"])
+            default = next((t for t in timed if t["config"] == "default"), None)
+            if default is not None and best["ms"] > default["ms"] * (1.0 - margin):
+                best = default
             cfg = {} if best["config"] == "default" else dict(best["config"])
             if cfg:
                 tb.CONFIG_OVERRIDE[key] = dict(cfg)
