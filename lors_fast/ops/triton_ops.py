@@ -17,10 +17,9 @@ Absent optional inputs (no bias, identity target) come back from the backward op
 placeholders, mapped to None here: custom ops cannot return None.
 """
 
-# ruff: noqa: UP045 — torch.library.custom_op infers each op's schema from these annotations; Optional[Tensor]
-# is the spelling every supported torch version (>= 2.4) parses.
-from __future__ import annotations
-
+# ruff: noqa: UP045 — torch.library.custom_op infers each op's schema from these annotations, so they stay
+# real objects (no `from __future__ import annotations`) spelled Optional[Tensor], which every supported torch
+# (>= 2.4) parses.
 from typing import Optional
 
 import torch
