@@ -327,19 +327,6 @@ def _fwd_bwd(loss_fn, img, txt, scale, tgt, bias, leaves, kind, backend):
     return f
 
 
-def _dbl_fn(img, txt, scale, tgt, bias, leaves, kind):
-    import lors_fast
-
-    g = torch.Generator(device=DEV).manual_seed(1)
-    cots = [torch.randn(x.shape, generator=g, device=DEV).to(x.dtype) for x in leaves]
-
-    def fn():
-        loss = lors_fast.contrastive_loss(img, txt, scale, tgt, kind=kind, logit_bias=bias, backend="triton")
-        gs = torch.autograd.grad(loss, leaves, create_graph=True)
-        return torch.autograd.grad(sum((c * x).sum() for c, x in zip(cots, gs)), leaves, allow_unused=True)
-    return fn
-
-
 def sec_sweep(until):
     """The launch-config tuning of `lors-fast tune-kernels` (lors_fast.ops.triton_tuning: per stage, the default,
     the old default and the candidates screened by bench/aot_check.py), bf16, N = 16384, d = 512; each stage's

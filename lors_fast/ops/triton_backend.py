@@ -138,11 +138,11 @@ def _config(stage: str, D: int, dtype: torch.dtype, device, cc: int | None = Non
     """Launch config of a stage: "fwd", "bwd", "pre", "dbl" (the LSE kernels) or "fwd_pair", "bwd_pair",
     "dbl_pair" (the pair kinds bce/wbce/mse/softplus, whose elementwise tiles hold more live registers), for a
     GPU of compute capability ``cc`` (default: the device's)."""
+    dp = max(16, _pow2(D))
     if device.type != "cuda":  # interpreter: few, big programs
         c = dict(BM=64, BN=64, BK=32, BDO=32, num_warps=4, num_stages=1)
     else:
         small = dtype in (torch.bfloat16, torch.float16)
-        dp = max(16, _pow2(D))
         hopper = (cc or _arch(device)) >= 90
         # 16-bit LSE defaults: the best of bench/gpu_check.py's sweep on an H200 (bench/RESULTS_GPU.md)
         # (fwd: BM = 128 is within 3 % of the fastest BM = 64 and halves the column-partials buffer).
@@ -179,10 +179,9 @@ def _config(stage: str, D: int, dtype: torch.dtype, device, cc: int | None = Non
                      BDO=min(dp, 256 if small else 128), num_warps=8, num_stages=2)
         else:
             raise ValueError(f"unknown kernel stage {stage!r}")
-    c.update(_tuned(device, stage, dtype, max(16, _pow2(D))))  # lors-fast tune-kernels / packaged tables
+    c.update(_tuned(device, stage, dtype, dp))  # lors-fast tune-kernels / packaged tables
     c.update(CONFIG_OVERRIDE.get(stage, {}))
     c.update(CONFIG_OVERRIDE.get((stage, str(dtype).replace("torch.", "")), {}))
-    dp = max(16, _pow2(D))
     if c.get("WD") and dp > WD_MAX_DP:  # the resident row block would not fit: K-loop layout, same tiles
         c["WD"] = False
     c["BK"] = min(c["BK"], dp)

@@ -125,15 +125,19 @@ def _tables():
 
 
 def lookup(device, stage: str, dtype: torch.dtype, dp: int) -> dict:
-    """The tuned config for (this device, stage, dtype, DP): the user table's, else the packaged one's, else {}."""
+    """The tuned config for (this device, stage, dtype, DP): the user table's, else the packaged one's, else {}.
+    Called at every kernel launch: the answer is cached with the tables (reset_cache clears both)."""
     dev = device_key(device)
     key = _entry_key(stage, dtype, dp)
-    out: dict = {}
-    for table in _tables():
-        e = table.get("devices", {}).get(dev, {}).get(key)
-        if e is not None:
-            out = dict(e["config"])
-    return out
+    memo = (str(user_table_path()), dev, key)
+    if memo not in _CACHE:
+        out: dict = {}
+        for table in _tables():
+            e = table.get("devices", {}).get(dev, {}).get(key)
+            if e is not None:
+                out = dict(e["config"])
+        _CACHE[memo] = out
+    return dict(_CACHE[memo])
 
 
 def save(results: dict, path=None) -> Path:
