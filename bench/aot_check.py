@@ -82,7 +82,8 @@ def constexprs(stage, kind, tgt, dtype, D, override=None, cc: int = 90):
         tb.CONFIG_OVERRIDE.update(saved)
     prec = "tf32" if dtype == torch.float32 else "ieee"
     upcast, PREC, ACC = tb._flags(dtype, prec)
-    c = dict(BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, UPCAST=upcast, PREC=PREC, ACC=ACC, WD=cfg.WD, DP=cfg.DP)
+    c = dict(BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, UPCAST=upcast, PREC=PREC, ACC=ACC, WD=cfg.WD, DP=cfg.DP,
+             FLAT=cfg.FLAT)
     if stage != "pre":
         c.update(KIND=KINDS[kind], TGT=tgt, RP=16, LR_PREC=tb._lr_prec(dtype, prec if dtype == torch.float32
                                                                           else "lowp"),
@@ -119,7 +120,7 @@ def compile_one(stage, kind, tgt, dtype, D, override=None, cc: int = 90):
              if sig[n].startswith("*") or (n == "D" and D % 16 == 0)}
     row = dict(arch=ARCHS[cc][0], stage=stage, kind=kind, target="lowrank" if tgt else "identity",
                dtype=str(dtype).replace("torch.", ""), d=D, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BDO=cfg.BDO,
-               WD=cfg.WD, num_warps=cfg.num_warps, num_stages=cfg.num_stages, default=not override)
+               WD=cfg.WD, FLAT=cfg.FLAT, num_warps=cfg.num_warps, num_stages=cfg.num_stages, default=not override)
     t0 = time.time()
     try:
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
@@ -155,6 +156,7 @@ def compile_one(stage, kind, tgt, dtype, D, override=None, cc: int = 90):
 def fmt(row):
     cfg = (f"BM {row['BM']} BN {row['BN']} " + ("WD" if row["WD"] else f"BK {row['BK']}") +
            (f" BDO {row['BDO']}" if row["stage"] in ("bwd", "dbl") and not row["WD"] else "") +
+           (" FLAT" if row.get("FLAT") and not row["WD"] else "") +
            f" w{row['num_warps']} s{row['num_stages']}")
     head = (f"| {row['stage']} | {row['kind']}/{row['target']} | {row['dtype']} | {row['d']} | {cfg} | "
             f"{'default' if row['default'] else 'candidate'} |")

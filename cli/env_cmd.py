@@ -41,7 +41,7 @@ def env():
     import torch
 
     import lors_fast
-    from lors_fast.functional import resolve_backend, triton_available
+    from lors_fast.functional import resolve_backend, triton_available, triton_problem
 
     rows = [("lors-fast", lors_fast.__version__), ("python", platform.python_version()),
             ("platform", platform.platform()), ("torch", torch.__version__)]
@@ -52,7 +52,7 @@ def env():
     rows.append(("cpu threads", str(torch.get_num_threads())))
     device = torch.device("cuda" if cuda else "cpu")
     rows.append(("loss backend (auto)", f"{resolve_backend('auto', device)} on {device}"))
-    rows.append(("triton kernels", "available" if triton_available() else "unavailable"))
+    rows.append(("triton kernels", "available" if triton_available() else f"unavailable: {triton_problem()}"))
     if triton_available():
         rows.append(("triton configs", _tuned_summary(device)))
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import os
 
@@ -12,18 +14,29 @@ from .reference import KINDS, reference_loss
 from .streaming import StreamingPrimitives
 from .targets import LowRankTarget
 
-__all__ = ["contrastive_loss", "BACKENDS", "resolve_backend", "triton_available"]
+__all__ = ["contrastive_loss", "BACKENDS", "resolve_backend", "triton_available", "triton_problem"]
 
 BACKENDS = ("auto", "reference", "streaming", "triton")
 TRITON_KINDS = ("infonce", "bce", "wbce", "cwcl", "mse", "siglip")
 
 
 def triton_available() -> bool:
+    """Whether the fused Triton kernels can run here (see :func:`triton_problem`)."""
+    return triton_problem() is None
+
+
+@functools.cache
+def triton_problem() -> str | None:
+    """Why the fused kernels cannot run here (no triton, or one older than the kernels need), or None."""
     try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
+        import triton
+        import triton.language as tl
+    except Exception as e:  # noqa: BLE001 - any import failure means "not available"
+        return f"the triton package is not importable here ({type(e).__name__}: {e})"
+    if "flatten" not in inspect.signature(tl.range.__init__).parameters:
+        return (f"triton {triton.__version__} is too old: the fused kernels need triton >= 3.3 "
+                "(tl.range(flatten=...)); upgrade it, or use backend='streaming'")
+    return None
 
 
 def _interpreting() -> bool:
@@ -43,7 +56,7 @@ def resolve_backend(backend: str, device: torch.device, kind: str = "infonce",
         return "streaming"
     if backend == "triton":
         if not triton_available():
-            raise ValueError("backend='triton' needs the triton package, which is not importable here")
+            raise ValueError(f"backend='triton' cannot run: {triton_problem()}")
         if device.type != "cuda" and not _interpreting():
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (got device {device}); set TRITON_INTERPRET=1 to run the "

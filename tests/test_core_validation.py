@@ -216,3 +216,29 @@ def test_valid_case_still_runs():
     for kind in ("infonce", "wbce", "siglip"):
         loss = LossCase(kind, "lowrank", N, dtype=torch.float32).loss("streaming")
         assert torch.isfinite(loss), f"{kind}: loss {loss}"
+
+
+def test_a_triton_too_old_for_the_kernels_is_named(monkeypatch):
+    """Triton <= 3.2 has no tl.range(flatten=): "auto" falls back to the chunked torch path, an explicit
+    backend='triton' says which version it found and what it needs."""
+    import triton
+    import triton.language as tl
+
+    from lors_fast import functional
+
+    class OldRange:  # the signature of triton 3.0-3.2
+        def __init__(self, arg1, arg2=None, step=None, num_stages=None, loop_unroll_factor=None):
+            pass
+
+    monkeypatch.setattr(tl, "range", OldRange)
+    functional.triton_problem.cache_clear()
+    try:
+        assert not functional.triton_available()
+        cuda = torch.device("cuda")
+        assert functional.resolve_backend("auto", cuda, "infonce", torch.bfloat16) == "streaming"
+        with pytest.raises(ValueError, match=rf"triton {triton.__version__} is too old.*triton >= 3\.3"):
+            functional.resolve_backend("triton", cuda, "infonce", torch.bfloat16)
+    finally:
+        functional.triton_problem.cache_clear()
+    monkeypatch.undo()
+    assert functional.triton_available(), functional.triton_problem()

@@ -325,6 +325,27 @@ def test_extreme_logits_finite():
             1e-4, 1e-5, "lse scale=300")  # fp32 logits of size 300: LSE absolute error ~3e-5
 
 
+def test_column_lse_far_below_the_block_max():
+    """The forward's column LSE partials reuse the row pass's exponentials, scaled by 2^(m_i - mx) (mx the
+    block's largest row max); a column more than 60 binary orders below mx takes the exact two-pass form. Here
+    every column but one sits ~144 binary orders below row 0's max, where the shortcut's sums are fp32
+    denormals with a few significant bits (off by ~1e-2 in the LSE)."""
+    g = torch.Generator().manual_seed(11)
+    n = 8
+    U = torch.zeros(n, 2, dtype=F64)
+    U[:, 1] = 1.0
+    U[0] = torch.tensor([10.0, 0.0])
+    V = torch.zeros(n, 2, dtype=F64)
+    V[:, 1] = torch.rand(n, generator=g, dtype=F64)
+    V[0, 0], V[1, 0] = -10.0, 10.0
+    s, b = torch.tensor(1.0, dtype=F64), torch.tensor(0.0, dtype=F64)
+    Z = s * U @ V.T + b
+    assert Z[0].max() - Z[1:, 0].max() > 99  # ≥ 144 binary orders: the exact form must run
+    lr, lc = P_EXACT.lse(*(x.to(torch.float32).to(DEV) for x in (U, V, s, b)))
+    torch.testing.assert_close(lr.double().cpu(), Z.logsumexp(1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(lc.double().cpu(), Z.logsumexp(0), rtol=0, atol=1e-5)
+
+
 def _ggc_inputs():
     g = torch.Generator().manual_seed(7)
     n, d, r = 2, 3, 2

@@ -112,12 +112,12 @@ class _Cfg:
     DP = the next power of two, each column tile of the other side is loaded once and used by both GEMMs
     (the backward's d-chunk becomes BDO = DP, one chunk); BK is then unused."""
 
-    __slots__ = ("BM", "BN", "BK", "BDO", "num_warps", "num_stages", "WD", "DP")
+    __slots__ = ("BM", "BN", "BK", "BDO", "num_warps", "num_stages", "WD", "DP", "FLAT")
 
-    def __init__(self, BM, BN, BK, BDO, num_warps, num_stages, WD=False, DP=16):
+    def __init__(self, BM, BN, BK, BDO, num_warps, num_stages, WD=False, DP=16, FLAT=False):
         self.BM, self.BN, self.BK, self.BDO = BM, BN, BK, BDO
         self.num_warps, self.num_stages = num_warps, num_stages
-        self.WD, self.DP = bool(WD), DP
+        self.WD, self.DP, self.FLAT = bool(WD), DP, bool(FLAT)
 
 
 @functools.cache
@@ -158,6 +158,12 @@ def _config(stage: str, D: int, dtype: torch.dtype, device, cc: int | None = Non
         #   24 B with BDO 256, BK 32; the fp32 pair backward keeps BDO 128 there (584 B at 256); the 16-bit LSE
         #   backward and double backward take BN 32 (sm_80: 60 → 0 B and 592 → 20 B of spills, 24 % and 54 %
         #   fewer instructions, the same GEMM work).
+        # - FLAT (flattened column × d loop, see triton_kernels) for the forward, the pre-pass and the LSE
+        #   backward: the first H200 run found the tile loop latency-bound (an 8-step d loop whose software
+        #   pipeline drains and refills at every column tile); flattened, the next tile's loads are in flight
+        #   during the current tile's epilogue. Their sm_90a builds stay spill-free (LSE forward 12 → 0 B,
+        #   255 → 188 registers); the pair backward and the double backwards spill more flattened, so there it
+        #   is only a tuning candidate.
         if stage == "fwd":
             c = (dict(BM=128, BN=128, BK=64, BDO=16, num_warps=8, num_stages=4) if small else
                  dict(BM=128, BN=64, BK=32, BDO=16, num_warps=8, num_stages=3))
@@ -179,6 +185,7 @@ def _config(stage: str, D: int, dtype: torch.dtype, device, cc: int | None = Non
                      BDO=min(dp, 256 if small else 128), num_warps=8, num_stages=2)
         else:
             raise ValueError(f"unknown kernel stage {stage!r}")
+    c.setdefault("FLAT", stage in ("fwd", "fwd_pair", "pre", "bwd"))  # (the interpreter ignores it)
     c.update(_tuned(device, stage, dtype, dp))  # lors-fast tune-kernels / packaged tables
     c.update(CONFIG_OVERRIDE.get(stage, {}))
     c.update(CONFIG_OVERRIDE.get((stage, str(dtype).replace("torch.", "")), {}))
@@ -229,7 +236,7 @@ def _rp(r: int) -> int:
 
 def _launch_kw(cfg):
     """Launch keywords and the layout constexprs every kernel but the count kernel takes."""
-    return dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, WD=cfg.WD, DP=cfg.DP)
+    return dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, WD=cfg.WD, DP=cfg.DP, FLAT=cfg.FLAT)
 
 
 def _scalar(x, dtype, device):

@@ -14,6 +14,11 @@ resident for the whole column walk; each column tile of B is loaded once (BN × 
 column walk is then the only loop, so the compiler can prefetch the next B tile during the current tile's
 elementwise work (the FlashAttention layout). WD = False: the Z tile is a K-loop of BK steps per column tile
 and the output GEMM reloads a d-chunk of B (smaller register and shared-memory footprint; needed for large d).
+FLAT (constexpr, K-loop layout): the column walk and the d loop inside it are compiled as one flattened loop
+(``tl.range(flatten=True)``, Triton ≥ 3.3), whose software pipeline runs across column tiles: the first d-steps
+of the next tile are loaded while the current tile's elementwise epilogue runs, instead of the pipeline
+draining and refilling at every tile (an 8-step loop at d = 512, BK = 64). The epilogue becomes a branch inside
+the loop; a load inside it (the backward's output-GEMM rows of B) stays synchronous.
 UPCAST (constexpr): load every operand as ACC (fp32 or fp64) and run tl.dot in ACC with input precision
 PREC; when False (bf16/fp16 on GPU) the GEMM operands stay in the input dtype, accumulation is fp32.
 Scale, bias and every other learnable value are runtime arguments (pointers to 0-dim tensors, so no
@@ -248,7 +253,7 @@ def _fwd_kernel(A, B, M, N, D, sc_ptr, bi_ptr, La, Lb, a_ptr, r, w_ptr,
                 KIND: tl.constexpr, TGT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                 BK: tl.constexpr, RP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                 LR_PREC: tl.constexpr, ACC: tl.constexpr, LDT: tl.constexpr, FUSE_COLS: tl.constexpr, LR16: tl.constexpr,
-                WD: tl.constexpr, DP: tl.constexpr):
+                WD: tl.constexpr, DP: tl.constexpr, FLAT: tl.constexpr):
     """Forward row pass. LSE: row LSE (natural log) and, with FUSE_COLS, the per-(row block, column) partial
     column LSE in log2 units (one fp32 per row block and column, reduced in torch). Pair kinds:
     per-program partial Σ φ."""
@@ -271,7 +276,7 @@ def _fwd_kernel(A, B, M, N, D, sc_ptr, bi_ptr, La, Lb, a_ptr, r, w_ptr,
     wneg = tl.load(w_ptr + 1).to(ACC)
     if WD:
         a_res = _ld(A, offs_m, tl.arange(0, DP), M, D, D, UPCAST, ACC)
-    for n0 in range(0, N, BN):
+    for n0 in tl.range(0, N, BN, flatten=FLAT):
         offs_n = n0 + tl.arange(0, BN).to(tl.int64)
         cmask = offs_n < N
         if WD:
@@ -282,15 +287,24 @@ def _fwd_kernel(A, B, M, N, D, sc_ptr, bi_ptr, La, Lb, a_ptr, r, w_ptr,
             z2 = x * s2 + b2
             z2 = tl.where(cmask[None, :], z2, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(z2, 1))
-            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(z2 - m_new[:, None]), 1)
+            e = tl.exp2(z2 - m_new[:, None])
+            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(e, 1)
             m_i = m_new
             if FUSE_COLS:
-                zc = tl.where(rmask[:, None], z2, float("-inf"))
-                cm = tl.max(zc, 0)
-                cm = tl.where(cmask, cm, 0.0)
-                cs = tl.sum(tl.exp2(zc - cm[None, :]), 0)  # ≥ 1 for a valid column
+                # the row pass's exponentials serve the columns: Σ_i 2^z_ij = 2^mx · Σ_i e_ij·2^(m_i − mx), mx the
+                # largest row max of the block (one exp per row, not per element). A column sum below 2^-60
+                # (the column 60 binary orders below mx, where flushed terms could count) takes the exact form.
+                mr = tl.where(rmask, m_new, float("-inf"))
+                mx = tl.max(mr, 0)
+                cs = tl.sum(e * tl.exp2(mr - mx)[:, None], 0)
                 cs = tl.where(cmask, cs, 1.0)
-                tl.store(cpart + pid * N + offs_n, cm + tl.log2(cs), mask=cmask)
+                cb = tl.zeros((BN,), ACC) + mx
+                if tl.min(cs, 0) < 8.673617379884035e-19:  # 2^-60
+                    zc = tl.where(rmask[:, None], z2, float("-inf"))
+                    cb = tl.where(cmask, tl.max(zc, 0), 0.0)
+                    cs = tl.sum(tl.exp2(zc - cb[None, :]), 0)  # ≥ 1 for a valid column
+                    cs = tl.where(cmask, cs, 1.0)
+                tl.store(cpart + pid * N + offs_n, cb + tl.log2(cs), mask=cmask)
         else:
             z = x * s + b
             S, lb = _s_tile(la, Lb, a_ptr, offs_m, offs_n, M, N, r, RP, TGT, LR_PREC, ACC, BM, BN, LR16, LDT)
@@ -311,7 +325,8 @@ def _bwd_kernel(A, B, M, N, D, sc_ptr, bi_ptr, La, Lb, a_ptr, r, w_ptr,
                 KIND: tl.constexpr, TGT: tl.constexpr, PRIMARY: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BDO: tl.constexpr,
                 RP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, LR_PREC: tl.constexpr,
-                ACC: tl.constexpr, LDT: tl.constexpr, LR16: tl.constexpr, WD: tl.constexpr, DP: tl.constexpr):
+                ACC: tl.constexpr, LDT: tl.constexpr, LR16: tl.constexpr, WD: tl.constexpr, DP: tl.constexpr,
+                FLAT: tl.constexpr):
     """Backward row pass, grid (row blocks, d-chunks of BDO; WD: one chunk, BDO = DP): dA = s·G·B with G = ∂out/∂Z;
     low-rank: dLa = H·Lb (H = ∂out/∂S), da = diag(H); PRIMARY: partials of ∂s = ΣG⊙X, ∂b = ΣG."""
     pid = tl.program_id(0).to(tl.int64)
@@ -341,7 +356,7 @@ def _bwd_kernel(A, B, M, N, D, sc_ptr, bi_ptr, La, Lb, a_ptr, r, w_ptr,
     accb = tl.zeros((BM,), ACC)
     if WD:
         a_res = _ld(A, offs_m, tl.arange(0, DP), M, D, D, UPCAST, ACC)
-    for n0 in range(0, N, BN):
+    for n0 in tl.range(0, N, BN, flatten=FLAT):
         offs_n = n0 + tl.arange(0, BN).to(tl.int64)
         cmask = offs_n < N
         valid = rmask[:, None] & cmask[None, :]
@@ -392,6 +407,7 @@ def _bwd_kernel(A, B, M, N, D, sc_ptr, bi_ptr, La, Lb, a_ptr, r, w_ptr,
 def _dbl_pre_kernel(A, B, Ab, Bb, M, N, D, sc_ptr, bi_ptr, sbar_ptr, bbar_ptr, lse_a, rho, lse_b, cpart,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
                     PREC: tl.constexpr, ACC: tl.constexpr, WD: tl.constexpr, DP: tl.constexpr,
+                    FLAT: tl.constexpr,
                     FUSE_COLS: tl.constexpr):
     """LSE double backward pre-pass: ρ_i = Σ_j p_ij W_ij, W = s(Ā·Bᵀ + A·B̄ᵀ) + s̄·A·Bᵀ + b̄, p the row
     softmax. FUSE_COLS: also the column quantity κ_j = Σ_i q_ij W_ij (q the column softmax, from the column
@@ -411,7 +427,7 @@ def _dbl_pre_kernel(A, B, Ab, Bb, M, N, D, sc_ptr, bi_ptr, sbar_ptr, bbar_ptr, l
     if WD:
         a_res = _ld(A, offs_m, tl.arange(0, DP), M, D, D, UPCAST, ACC)
         ab_res = _ld(Ab, offs_m, tl.arange(0, DP), M, D, D, UPCAST, ACC)
-    for n0 in range(0, N, BN):
+    for n0 in tl.range(0, N, BN, flatten=FLAT):
         offs_n = n0 + tl.arange(0, BN).to(tl.int64)
         cmask = offs_n < N
         valid = rmask[:, None] & cmask[None, :]
@@ -438,7 +454,8 @@ def _dbl_kernel(A, B, Ab, Bb, M, N, D, sc_ptr, bi_ptr, sbar_ptr, bbar_ptr,
                 KIND: tl.constexpr, TGT: tl.constexpr, PRIMARY: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BDO: tl.constexpr,
                 RP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, LR_PREC: tl.constexpr,
-                ACC: tl.constexpr, LDT: tl.constexpr, LR16: tl.constexpr, WD: tl.constexpr, DP: tl.constexpr):
+                ACC: tl.constexpr, LDT: tl.constexpr, LR16: tl.constexpr, WD: tl.constexpr, DP: tl.constexpr,
+                FLAT: tl.constexpr):
     """Double backward row pass, grid (row blocks, d-chunks; WD: one chunk). With W the cotangent of G and Y that of H:
     δZ = (∂G/∂Z)ᵀW + (∂H/∂Z)ᵀY, δS likewise; gA = Σ_j (s·δZ + s̄·G) B_j + s·Σ_j G B̄_j,
     gLa = δS·Lb + H·L̄b, ga = diag(δS); PRIMARY: partials of ∂s, ∂b and ∂g (pair kinds)."""
@@ -478,7 +495,7 @@ def _dbl_kernel(A, B, Ab, Bb, M, N, D, sc_ptr, bi_ptr, sbar_ptr, bbar_ptr,
     if WD:
         a_res = _ld(A, offs_m, tl.arange(0, DP), M, D, D, UPCAST, ACC)
         ab_res = _ld(Ab, offs_m, tl.arange(0, DP), M, D, D, UPCAST, ACC)
-    for n0 in range(0, N, BN):
+    for n0 in tl.range(0, N, BN, flatten=FLAT):
         offs_n = n0 + tl.arange(0, BN).to(tl.int64)
         cmask = offs_n < N
         valid = rmask[:, None] & cmask[None, :]

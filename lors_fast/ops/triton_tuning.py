@@ -13,7 +13,7 @@ Where `triton_backend._config` gets a config (later wins):
 A table is JSON: ``{"version": 1, "devices": {"<torch.cuda.get_device_name>": {"<stage>|<dtype>|<DP>":
 {"config": {...}, "ms": ..., "n": ..., "triton": ..., "date": ...}}}}`` with stage one of :data:`STAGES`, dtype
 e.g. ``bfloat16`` and DP the feature dimension rounded up to a power of two. ``config`` holds the keys of a
-launch config (BM, BN, BK, BDO, num_warps, num_stages, WD); ``{}`` records that the defaults won.
+launch config (BM, BN, BK, BDO, num_warps, num_stages, WD, FLAT); ``{}`` records that the defaults won.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ __all__ = ["CANDIDATES", "STAGES", "device_key", "lookup", "reset_cache", "save"
 VERSION = 1
 PACKAGED = Path(__file__).with_name("tuned_configs.json")
 ENV = "LORS_FAST_TRITON_CONFIGS"
-CONFIG_KEYS = ("BM", "BN", "BK", "BDO", "num_warps", "num_stages", "WD")
+CONFIG_KEYS = ("BM", "BN", "BK", "BDO", "num_warps", "num_stages", "WD", "FLAT")
 
 # The kernel stages of triton_backend._config and what each is timed on: (kind, low-rank target, what runs).
 # "fwd"/"fwd_pair": the forward alone; "bwd"/"bwd_pair": forward + backward; "dbl"/"dbl_pair": forward +
@@ -39,30 +39,38 @@ CONFIG_KEYS = ("BM", "BN", "BK", "BDO", "num_warps", "num_stages", "WD")
 STAGES = {"bwd": ("infonce", False), "bwd_pair": ("wbce", True), "fwd_pair": ("wbce", True),
           "dbl": ("infonce", False), "dbl_pair": ("wbce", True), "fwd": ("infonce", False)}
 
-# 16-bit candidates per stage (None = the backend's default; "old" = the default before the sm_90a analysis of
-# bench/RESULTS_AOT.md; WD = the resident-row-block layout of triton_kernels). Each compiles for sm_90a, fits
-# its shared memory and spills little (bench/aot_check.py --candidates). Ordered by how much the stage weighs
-# in a training step; a time budget cuts the tail.
+# 16-bit candidates per stage (None = the backend's default; a candidate's keys replace the default's; "old" =
+# the default before the sm_90a analysis of bench/RESULTS_AOT.md; WD = the resident-row-block layout of
+# triton_kernels; FLAT = the flattened column × d loop, on by default in fwd, fwd_pair and bwd, so toggled
+# right after the default). Each compiles for sm_90a, fits its shared memory and spills little
+# (bench/aot_check.py --candidates). Ordered by how much the stage weighs in a training step; a time budget
+# cuts the tail.
 CANDIDATES: dict[str, list] = {
     "bwd": [None,
+            dict(FLAT=False),
             dict(BM=64, BN=32, num_warps=8, num_stages=3, WD=True),
             dict(BM=64, BN=64, num_warps=8, num_stages=2, WD=True),
             dict(BM=64, BN=32, BK=64, BDO=512, num_warps=8, num_stages=2)],
     "bwd_pair": [None,
+                 dict(FLAT=True),
                  dict(BM=64, BN=64, BK=64, BDO=512, num_warps=8, num_stages=2),  # old
                  dict(BM=64, BN=16, BK=64, BDO=512, num_warps=8, num_stages=2),
                  dict(BM=64, BN=16, num_warps=8, num_stages=3, WD=True)],
     "fwd_pair": [None,
+                 dict(FLAT=False),
                  dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=4),  # old
                  dict(BM=128, BN=32, num_warps=8, num_stages=2, WD=True),
                  dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=4)],
     "dbl": [None,  # spills: default 272 B, the others none
+            dict(FLAT=True),
             dict(BM=64, BN=32, BK=64, BDO=256, num_warps=8, num_stages=2),
             dict(BM=64, BN=16, BK=64, BDO=512, num_warps=8, num_stages=2)],  # one d-chunk: 5 GEMMs/pass, not 8
     "dbl_pair": [None,  # spills: default 320 B, old 3224 B
+                 dict(FLAT=True),
                  dict(BM=64, BN=64, BK=64, BDO=256, num_warps=8, num_stages=2),  # old
                  dict(BM=64, BN=16, BK=64, BDO=256, num_warps=8, num_stages=2)],
     "fwd": [None,
+            dict(FLAT=False),
             dict(BM=128, BN=32, num_warps=8, num_stages=2, WD=True),
             dict(BM=64, BN=64, num_warps=4, num_stages=2, WD=True),
             dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=3)],  # the fastest of the first H200 sweep
