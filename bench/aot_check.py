@@ -92,6 +92,8 @@ def constexprs(stage, kind, tgt, dtype, D, override=None, cc: int = 90):
         c["FUSE_COLS"] = kind == "lse"
     if stage == "pre":
         c["FUSE_COLS"] = True  # the backend's default (DBL_FUSED_PRE)
+    if stage in ("bwd", "dbl", "pre"):
+        c["QFAST"] = cfg.QFAST
     if stage in ("bwd", "dbl"):
         c.update(PRIMARY=True, BDO=cfg.BDO)
     return c, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), cfg
@@ -120,7 +122,7 @@ def compile_one(stage, kind, tgt, dtype, D, override=None, cc: int = 90):
              if sig[n].startswith("*") or (n == "D" and D % 16 == 0)}
     row = dict(arch=ARCHS[cc][0], stage=stage, kind=kind, target="lowrank" if tgt else "identity",
                dtype=str(dtype).replace("torch.", ""), d=D, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BDO=cfg.BDO,
-               WD=cfg.WD, FLAT=cfg.FLAT, num_warps=cfg.num_warps, num_stages=cfg.num_stages, default=not override)
+               WD=cfg.WD, FLAT=cfg.FLAT, QFAST=cfg.QFAST, num_warps=cfg.num_warps, num_stages=cfg.num_stages, default=not override)
     t0 = time.time()
     try:
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
@@ -148,7 +150,8 @@ def compile_one(stage, kind, tgt, dtype, D, override=None, cc: int = 90):
         spill=int(re.search(r"(\d+) bytes spill stores", info).group(1)),
         wgmma=g.count("ttng.warp_group_dot "), async_copies=g.count("async_copy_global_to_local"),
         sync2d=len(re.findall(r"tt\.load [^\n]*tensor<\d+x\d+x!tt\.ptr", g)),
-        instr=len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?!NOP\b)\S", sass, re.M)) or None)
+        instr=len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?!NOP\b)\S", sass, re.M)) or None,
+        mufu=len(re.findall(r"\bMUFU\.", sass)))
     row["fits"] = row["shared"] <= ARCHS[cc][1]
     return row
 
@@ -157,17 +160,19 @@ def fmt(row):
     cfg = (f"BM {row['BM']} BN {row['BN']} " + ("WD" if row["WD"] else f"BK {row['BK']}") +
            (f" BDO {row['BDO']}" if row["stage"] in ("bwd", "dbl") and not row["WD"] else "") +
            (" FLAT" if row.get("FLAT") and not row["WD"] else "") +
+           (" noQ" if not row.get("QFAST", True) and row["stage"] != "fwd" and row["kind"] == "lse" else "") +
            f" w{row['num_warps']} s{row['num_stages']}")
     head = (f"| {row['stage']} | {row['kind']}/{row['target']} | {row['dtype']} | {row['d']} | {cfg} | "
             f"{'default' if row['default'] else 'candidate'} |")
     if not row["ok"]:
-        return head + f" fails: {row['error']} | | | | | | |"
+        return head + f" fails: {row['error']} | | | | | | | |"
     return head + (f" {row['shared'] // 1024} KiB{'' if row['fits'] else ' (> 227: fails)'} | {row['regs']} | "
-                   f"{row['spill']} | {row['async_copies']} | {row['sync2d']} | {row['wgmma']} | {row['instr']} |")
+                   f"{row['spill']} | {row['async_copies']} | {row['sync2d']} | {row['wgmma']} | {row['instr']} | "
+                   f"{row['mufu']} |")
 
 
 HEADER = ("| stage | kind/target | dtype | d | config | | shared | regs | spill B | async | sync 2-D loads | "
-          "wgmma | SASS instr |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "wgmma | SASS instr | MUFU |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main(argv=None):

@@ -211,7 +211,7 @@ MODES = {  # name: (dtype, triton fp32 precision, eager allow_tf32, floor)
 }
 
 
-def correctness_case(prim_name, kind, tgt_kind, M, N, d, mode, bias=True, r=10, seed=0):
+def correctness_case(prim_name, kind, tgt_kind, M, N, d, mode, bias=True, r=10, seed=0, scale=10.0):
     from lors_fast.ops.triton_backend import TritonPrimitives
 
     dtype, prec, eager_tf32, floor = MODES[mode]
@@ -220,7 +220,7 @@ def correctness_case(prim_name, kind, tgt_kind, M, N, d, mode, bias=True, r=10, 
     g = torch.Generator(device=DEV).manual_seed(seed)
     U = (torch.randn(M, d, generator=g, device=DEV, dtype=F64) / d**0.5).to(dtype).double()
     V = (torch.randn(N, d, generator=g, device=DEV, dtype=F64) / d**0.5).to(dtype).double()
-    base = [U, V, torch.tensor(10.0, device=DEV, dtype=F64)]
+    base = [U, V, torch.tensor(float(scale), device=DEV, dtype=F64)]
     if bias:
         base.append(torch.tensor(-1.0, device=DEV, dtype=F64))
     if tgt_kind == "lowrank":
@@ -272,12 +272,12 @@ def correctness_case(prim_name, kind, tgt_kind, M, N, d, mode, bias=True, r=10, 
         passed = bool(ek <= lim) or (a is None and e is None)
         ok &= passed
         rows.append(dict(name=nm, err=ek, eager_err=ee, limit=lim, ok=passed))
-    rec = dict(prim=prim_name, kind=kind, target=tgt_kind, M=M, N=N, d=d, mode=mode, bias=bias, ok=ok,
+    rec = dict(prim=prim_name, kind=kind, target=tgt_kind, M=M, N=N, d=d, mode=mode, bias=bias, scale=scale, ok=ok,
                worst=max(r_["err"] for r_ in rows), worst_eager=max(r_["eager_err"] for r_ in rows),
                details=rows)
     RES["correctness"].append(rec)
     bad = [f"{r_['name']}:{r_['err']:.1e}>{r_['limit']:.1e}" for r_ in rows if not r_["ok"]]
-    log(f"{'OK  ' if ok else 'FAIL'} {prim_name:4s} {kind:8s} {tgt_kind:8s} {mode:9s} M={M} N={N} d={d} "
+    log(f"{'OK  ' if ok else 'FAIL'} {prim_name:4s} {kind:8s} {tgt_kind:8s} {mode:9s} M={M} N={N} d={d} s={scale:g} "
         f"worst={rec['worst']:.2e} eager={rec['worst_eager']:.2e} {' '.join(bad)}")
 
 
@@ -287,6 +287,12 @@ def sec_correctness(until):
         ("pair", "mse", "lowrank", 1000, 1000, 512, "bf16", True),
         ("lse", "lse", "identity", 4097, 4097, 512, "bf16", True),
         ("lse", "lse", "identity", 1000, 1000, 512, "fp32-ieee", True),
+        # wide logit ranges: the LSE kernels derive the column softmax from the row one (one exp per element)
+        # unless a column's LSE lies > 60 binary orders below a row block's largest; at s = 100 (CLIP's cap)
+        # they stay on that shortcut, at s = 400 (logits to ±150) some row blocks take the exact fallback
+        ("lse", "lse", "identity", 1000, 1000, 512, "fp32-ieee", True, {"scale": 100.0}),
+        ("lse", "lse", "identity", 1000, 1000, 512, "fp32-ieee", True, {"scale": 400.0}),
+        ("lse", "lse", "identity", 1000, 1000, 512, "bf16", True, {"scale": 400.0}),
         ("pair", "wbce", "lowrank", 1000, 1000, 512, "fp16", True),
         ("pair", "wbce", "lowrank", 17, 17, 512, "bf16", True),
         ("lse", "lse", "identity", 1, 1, 512, "bf16", False),
@@ -306,7 +312,8 @@ def sec_correctness(until):
             RES["errors"].append({"section": "correctness", "error": f"skipped from case {c}"})
             break
         try:
-            correctness_case(*c)
+            args, kw = (c[:-1], c[-1]) if isinstance(c[-1], dict) else (c, {})
+            correctness_case(*args, **kw)
         except Exception as e:
             log(f"ERROR case {c}: {type(e).__name__}: {e}")
             RES["errors"].append({"section": f"correctness {c}", "error": f"{type(e).__name__}: {e}",
@@ -741,11 +748,12 @@ def write_report():
     if RES["correctness"]:
         ok = sum(c["ok"] for c in RES["correctness"])
         lines += [f"## Correctness vs float64 oracle ({ok}/{len(RES['correctness'])} pass)", "",
-                  "| prim | kind | target | M | N | d | mode | worst rel err (value, ∂, ∂²) | eager same dtype | ok |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| prim | kind | target | M | N | d | scale | mode | worst rel err (value, ∂, ∂²) | eager same dtype "
+                  "| ok |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for c in RES["correctness"]:
             lines.append(f"| {c['prim']} | {c['kind']} | {c['target']} | {c['M']} | {c['N']} | {c['d']} | "
-                         f"{c['mode']} | {c['worst']:.2e} | {c['worst_eager']:.2e} | {'yes' if c['ok'] else 'NO'} |")
+                         f"{c['scale']:g} | {c['mode']} | {c['worst']:.2e} | {c['worst_eager']:.2e} | {'yes' if c['ok'] else 'NO'} |")
         lines.append("")
     if RES.get("sweep_best"):
         lines += [f"Config sweep (bf16, N=16384, d=512) best: `{RES['sweep_best']}`", ""]

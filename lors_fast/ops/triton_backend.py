@@ -112,12 +112,12 @@ class _Cfg:
     DP = the next power of two, each column tile of the other side is loaded once and used by both GEMMs
     (the backward's d-chunk becomes BDO = DP, one chunk); BK is then unused."""
 
-    __slots__ = ("BM", "BN", "BK", "BDO", "num_warps", "num_stages", "WD", "DP", "FLAT")
+    __slots__ = ("BM", "BN", "BK", "BDO", "num_warps", "num_stages", "WD", "DP", "FLAT", "QFAST")
 
-    def __init__(self, BM, BN, BK, BDO, num_warps, num_stages, WD=False, DP=16, FLAT=False):
+    def __init__(self, BM, BN, BK, BDO, num_warps, num_stages, WD=False, DP=16, FLAT=False, QFAST=True):
         self.BM, self.BN, self.BK, self.BDO = BM, BN, BK, BDO
         self.num_warps, self.num_stages = num_warps, num_stages
-        self.WD, self.DP, self.FLAT = bool(WD), DP, bool(FLAT)
+        self.WD, self.DP, self.FLAT, self.QFAST = bool(WD), DP, bool(FLAT), bool(QFAST)
 
 
 @functools.cache
@@ -186,6 +186,12 @@ def _config(stage: str, D: int, dtype: torch.dtype, device, cc: int | None = Non
         else:
             raise ValueError(f"unknown kernel stage {stage!r}")
     c.setdefault("FLAT", stage in ("fwd", "fwd_pair", "pre", "bwd"))  # (the interpreter ignores it)
+    # QFAST (LSE backward, pre-pass, double backward): the column softmax from the row one's exponentials
+    # (triton_kernels._col_softmax: one exp per tile element, not two). Off by default in the 16-bit backward
+    # and double backward, whose register-bound tiles spill more with its fallback branch (sm_90a: bwd 0 → 88,
+    # dbl 264 → 336 B per thread; sm_80 dbl 36 → 60); the tuning toggles it. On elsewhere (no added spills).
+    c.setdefault("QFAST", not (stage in ("bwd", "dbl") and device.type == "cuda"
+                               and dtype in (torch.bfloat16, torch.float16)))
     c.update(_tuned(device, stage, dtype, dp))  # lors-fast tune-kernels / packaged tables
     c.update(CONFIG_OVERRIDE.get(stage, {}))
     c.update(CONFIG_OVERRIDE.get((stage, str(dtype).replace("torch.", "")), {}))
@@ -278,7 +284,7 @@ class _Ctx:
         nbm = triton_cdiv(self.M, cfg.BM)
         common = dict(KIND=kind, TGT=tgt, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BDO=cfg.BDO, RP=rp,
                       UPCAST=self.upcast, PREC=self.prec, LR_PREC=self.lr_prec, ACC=self.ACC, LDT=self.LDT,
-                      LR16=self.LR16, **_launch_kw(cfg))
+                      LR16=self.LR16, QFAST=cfg.QFAST, **_launch_kw(cfg))
         return (nbm, triton_cdiv(self.N, cfg.BM), triton_cdiv(self.D, cfg.BDO), self.partial(nbm),
                 self.partial(nbm), common)
 
@@ -335,9 +341,10 @@ def _lse_backward(c: _Ctx, lr, lc, glr, glc):
     glc = glc.detach().to(c.acc).contiguous()
     nbm, nbn, nd, ps, pb, common = c.pass_setup(cfg)
     with _guard(c.device):
-        K._bwd_kernel[(nbm, nd)](c.U, c.V, c.M, c.N, c.D, c.s, c.b, d, d, d, 1, d, lr, lc, glr, glc, d,
+        lmin_r, lmin_c = lr.min(), lc.min()  # (the column-softmax shortcut's range check, _row_scale)
+        K._bwd_kernel[(nbm, nd)](c.U, c.V, c.M, c.N, c.D, c.s, c.b, d, d, d, 1, d, lr, lc, lmin_c, glr, glc, d,
                                  dU, d, d, ps, pb, PRIMARY=True, **common)
-        K._bwd_kernel[(nbn, nd)](c.V, c.U, c.N, c.M, c.D, c.s, c.b, d, d, d, 1, d, lc, lr, glc, glr, d,
+        K._bwd_kernel[(nbn, nd)](c.V, c.U, c.N, c.M, c.D, c.s, c.b, d, d, d, 1, d, lc, lr, lmin_r, glc, glr, d,
                                  dV, d, d, d, d, PRIMARY=False, **common)
     return dU, dV, ps.sum(), pb.sum()
 
@@ -355,7 +362,9 @@ def _lse_double(c: _Ctx, lr, lc, glr, glc, Ub, Vb, sbar, bbar):
     sb = _scalar(sbar, c.acc, c.device)
     bb = _scalar(bbar, c.acc, c.device)
     rho = torch.empty(c.M, dtype=c.acc, device=c.device)
-    pre = dict(BM=pcfg.BM, BN=pcfg.BN, BK=pcfg.BK, UPCAST=c.upcast, PREC=c.prec, ACC=c.ACC, **_launch_kw(pcfg))
+    pre = dict(BM=pcfg.BM, BN=pcfg.BN, BK=pcfg.BK, UPCAST=c.upcast, PREC=c.prec, ACC=c.ACC, QFAST=pcfg.QFAST,
+               **_launch_kw(pcfg))
+    lmin_r, lmin_c = lr.min(), lc.min()
     gU = torch.empty_like(c.U)
     gV = torch.empty_like(c.V)
     nbm, nbn, nd, ps, pb, common = c.pass_setup(cfg)
@@ -364,19 +373,19 @@ def _lse_double(c: _Ctx, lr, lc, glr, glc, Ub, Vb, sbar, bbar):
     with _guard(c.device):
         if fused:  # ρ and κ in one row pass; κ from per-row-block partials
             cp = torch.empty(pbm, c.N, dtype=c.acc, device=c.device)
-            K._dbl_pre_kernel[(pbm,)](c.U, c.V, Ub, Vb, c.M, c.N, c.D, c.s, c.b, sb, bb, lr, rho, lc, cp,
+            K._dbl_pre_kernel[(pbm,)](c.U, c.V, Ub, Vb, c.M, c.N, c.D, c.s, c.b, sb, bb, lr, rho, lc, lmin_c, cp,
                                       FUSE_COLS=True, **pre)
             kap = cp.sum(0)
         else:
             kap = torch.empty(c.N, dtype=c.acc, device=c.device)
-            K._dbl_pre_kernel[(pbm,)](c.U, c.V, Ub, Vb, c.M, c.N, c.D, c.s, c.b, sb, bb, lr, rho, d, d,
+            K._dbl_pre_kernel[(pbm,)](c.U, c.V, Ub, Vb, c.M, c.N, c.D, c.s, c.b, sb, bb, lr, rho, d, d, d,
                                       FUSE_COLS=False, **pre)
             K._dbl_pre_kernel[(triton_cdiv(c.N, pcfg.BM),)](c.V, c.U, Vb, Ub, c.N, c.M, c.D, c.s, c.b, sb, bb,
-                                                             lc, kap, d, d, FUSE_COLS=False, **pre)
+                                                             lc, kap, d, d, d, FUSE_COLS=False, **pre)
         K._dbl_kernel[(nbm, nd)](c.U, c.V, Ub, Vb, c.M, c.N, c.D, c.s, c.b, sb, bb, d, d, d, d, d, d, 1, d,
-                                 lr, lc, glr, glc, rho, kap, d, gU, d, d, ps, pb, d, PRIMARY=True, **common)
+                                 lr, lc, lmin_c, glr, glc, rho, kap, d, gU, d, d, ps, pb, d, PRIMARY=True, **common)
         K._dbl_kernel[(nbn, nd)](c.V, c.U, Vb, Ub, c.N, c.M, c.D, c.s, c.b, sb, bb, d, d, d, d, d, d, 1, d,
-                                 lc, lr, glc, glr, kap, rho, d, gV, d, d, d, d, d, PRIMARY=False, **common)
+                                 lc, lr, lmin_r, glc, glr, kap, rho, d, gV, d, d, d, d, d, PRIMARY=False, **common)
     return gU, gV, ps.sum(), pb.sum(), rho, kap
 
 
@@ -423,9 +432,9 @@ def _pair_backward(c: _Ctx, kind, target, w, g):
     else:
         da = dL = dR = d
     with _guard(c.device):
-        K._bwd_kernel[(nbm, nd)](c.U, c.V, c.M, c.N, c.D, c.s, c.b, lc, r_, a, r, w, d, d, d, d, g,
+        K._bwd_kernel[(nbm, nd)](c.U, c.V, c.M, c.N, c.D, c.s, c.b, lc, r_, a, r, w, d, d, d, d, d, g,
                                  dU, dL, da, ps, pb, PRIMARY=True, **common)
-        K._bwd_kernel[(nbn, nd)](c.V, c.U, c.N, c.M, c.D, c.s, c.b, r_, lc, a, r, w, d, d, d, d, g,
+        K._bwd_kernel[(nbn, nd)](c.V, c.U, c.N, c.M, c.D, c.s, c.b, r_, lc, a, r, w, d, d, d, d, d, g,
                                  dV, dR, d, d, d, PRIMARY=False, **common)
     if not tgt:
         da = dL = dR = None
@@ -457,10 +466,10 @@ def _pair_double(c: _Ctx, kind, target, w, g, Ub, Vb, sbar, bbar, abar, Lbar, Rb
         ab = Lb_ = Rb_ = ga = gL = gR = d
     with _guard(c.device):
         K._dbl_kernel[(nbm, nd)](c.U, c.V, Ub, Vb, c.M, c.N, c.D, c.s, c.b, sb, bb,
-                                 lc, r_, Lb_, Rb_, a, ab, r, w, d, d, d, d, d, d, g,
+                                 lc, r_, Lb_, Rb_, a, ab, r, w, d, d, d, d, d, d, d, g,
                                  gU, gL, ga, ps, pb, pg, PRIMARY=True, **common)
         K._dbl_kernel[(nbn, nd)](c.V, c.U, Vb, Ub, c.N, c.M, c.D, c.s, c.b, sb, bb,
-                                 r_, lc, Rb_, Lb_, a, ab, r, w, d, d, d, d, d, d, g,
+                                 r_, lc, Rb_, Lb_, a, ab, r, w, d, d, d, d, d, d, d, g,
                                  gV, gR, d, d, d, d, PRIMARY=False, **common)
     if not tgt:
         ga = gL = gR = None

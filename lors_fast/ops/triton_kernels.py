@@ -153,6 +153,36 @@ def _ln(x):
 
 
 @triton.jit
+def _row_scale(lra, rmask, lmin_ptr, QFAST: tl.constexpr):
+    """(c, ea, fast) for _col_softmax: c the row block's largest row LSE (log2 units), ea_i = 2^(lra_i − c) (0 on
+    masked rows), and whether every column's 2^(c − lrb_j) ≤ 2^60 (lmin_ptr: the smallest column LSE, natural
+    units) — decided once per program, so the tile loop holds no per-tile branch."""
+    c = tl.max(tl.where(rmask, lra, float("-inf")), 0)
+    ea = tl.exp2(tl.where(rmask, lra - c, float("-inf")))
+    if QFAST:
+        fast = c - tl.load(lmin_ptr).to(c.dtype) * 1.4426950408889634 <= 60.0
+    else:
+        fast = c != c  # False (unread: _col_softmax compiles the exact form only)
+    return c, ea, fast
+
+
+@triton.jit
+def _col_softmax(x, s2, b2, p, ea, c, lrb, cmask, fast, QFAST: tl.constexpr):
+    """The column softmax q_ij = 2^(z2_ij − lrb_j) (log2 units, z2 = x·s2 + b2) from the row softmax
+    p_ij = 2^(z2_ij − lra_i) of the same tile: with `fast` (see _row_scale), q = p·ea_i·2^(c − lrb_j) — one exp
+    per column instead of one per element; 2^(c − lrb_j) ≤ 2^60 cannot overflow, and an underflow of ea_i only
+    drops q < 2^-66. Otherwise (logit ranges of > 60 binary orders, or QFAST off) the exact exp."""
+    if QFAST:
+        if fast:
+            q = p * (ea[:, None] * tl.exp2(tl.where(cmask, c - lrb, float("-inf")))[None, :])
+        else:
+            q = tl.exp2(x * s2 + (b2 - lrb)[None, :])
+    else:
+        q = tl.exp2(x * s2 + (b2 - lrb)[None, :])
+    return q
+
+
+@triton.jit
 def _phi(z, S, wpos, wneg, KIND: tl.constexpr):
     """φ(z, S) and its partial derivatives (f, f_z, f_S, f_zz, f_zS, f_SS), elementwise."""
     e = tl.exp(-tl.abs(z))  # e^{-|z|} in (0, 1]
@@ -320,13 +350,13 @@ def _fwd_kernel(A, B, M, N, D, sc_ptr, bi_ptr, La, Lb, a_ptr, r, w_ptr,
 
 @triton.jit(do_not_specialize=["M", "N", "r"])
 def _bwd_kernel(A, B, M, N, D, sc_ptr, bi_ptr, La, Lb, a_ptr, r, w_ptr,
-                lse_a, lse_b, g_a, g_b, gout_ptr,
+                lse_a, lse_b, lmin_b, g_a, g_b, gout_ptr,
                 dA, dLa, da, part_s, part_b,
                 KIND: tl.constexpr, TGT: tl.constexpr, PRIMARY: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BDO: tl.constexpr,
                 RP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, LR_PREC: tl.constexpr,
                 ACC: tl.constexpr, LDT: tl.constexpr, LR16: tl.constexpr, WD: tl.constexpr, DP: tl.constexpr,
-                FLAT: tl.constexpr):
+                FLAT: tl.constexpr, QFAST: tl.constexpr):
     """Backward row pass, grid (row blocks, d-chunks of BDO; WD: one chunk, BDO = DP): dA = s·G·B with G = ∂out/∂Z;
     low-rank: dLa = H·Lb (H = ∂out/∂S), da = diag(H); PRIMARY: partials of ∂s = ΣG⊙X, ∂b = ΣG."""
     pid = tl.program_id(0).to(tl.int64)
@@ -349,6 +379,7 @@ def _bwd_kernel(A, B, M, N, D, sc_ptr, bi_ptr, La, Lb, a_ptr, r, w_ptr,
     if KIND == 0:  # (the pair kinds get 2-element dummies for the LSE vectors: never index them)
         lra = tl.load(lse_a + offs_m, mask=rmask, other=0.0).to(ACC) * 1.4426950408889634
         ga = tl.load(g_a + offs_m, mask=rmask, other=0.0).to(ACC)
+        c, ea, fast = _row_scale(lra, rmask, lmin_b, QFAST)
     acc = tl.zeros((BM, BDO), ACC)
     accL = tl.zeros((BM, RP), ACC)
     accd = tl.zeros((BM,), ACC)
@@ -369,7 +400,7 @@ def _bwd_kernel(A, B, M, N, D, sc_ptr, bi_ptr, La, Lb, a_ptr, r, w_ptr,
             lrb = tl.load(lse_b + offs_n, mask=cmask, other=0.0).to(ACC) * 1.4426950408889634
             gb = tl.load(g_b + offs_n, mask=cmask, other=0.0).to(ACC)
             p = tl.exp2(z2 - lra[:, None])
-            q = tl.exp2(z2 - lrb[None, :])
+            q = _col_softmax(x, s2, b2, p, ea, c, lrb, cmask, fast, QFAST)
             G = tl.where(valid, ga[:, None] * p + gb[None, :] * q, 0.0)
         else:
             z = x * s + b
@@ -404,11 +435,10 @@ def _bwd_kernel(A, B, M, N, D, sc_ptr, bi_ptr, La, Lb, a_ptr, r, w_ptr,
 
 
 @triton.jit(do_not_specialize=["M", "N"])
-def _dbl_pre_kernel(A, B, Ab, Bb, M, N, D, sc_ptr, bi_ptr, sbar_ptr, bbar_ptr, lse_a, rho, lse_b, cpart,
+def _dbl_pre_kernel(A, B, Ab, Bb, M, N, D, sc_ptr, bi_ptr, sbar_ptr, bbar_ptr, lse_a, rho, lse_b, lmin_b, cpart,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
                     PREC: tl.constexpr, ACC: tl.constexpr, WD: tl.constexpr, DP: tl.constexpr,
-                    FLAT: tl.constexpr,
-                    FUSE_COLS: tl.constexpr):
+                    FLAT: tl.constexpr, QFAST: tl.constexpr, FUSE_COLS: tl.constexpr):
     """LSE double backward pre-pass: ρ_i = Σ_j p_ij W_ij, W = s(Ā·Bᵀ + A·B̄ᵀ) + s̄·A·Bᵀ + b̄, p the row
     softmax. FUSE_COLS: also the column quantity κ_j = Σ_i q_ij W_ij (q the column softmax, from the column
     LSE lse_b) as per-(row block, column) partial sums in cpart, summed in torch — one pass instead of a
@@ -423,6 +453,8 @@ def _dbl_pre_kernel(A, B, Ab, Bb, M, N, D, sc_ptr, bi_ptr, sbar_ptr, bbar_ptr, l
     s2 = s * 1.4426950408889634
     b2 = b * 1.4426950408889634
     lra = tl.load(lse_a + offs_m, mask=rmask, other=0.0).to(ACC) * 1.4426950408889634
+    if FUSE_COLS:
+        c, ea, fast = _row_scale(lra, rmask, lmin_b, QFAST)
     acc = tl.zeros((BM,), ACC)
     if WD:
         a_res = _ld(A, offs_m, tl.arange(0, DP), M, D, D, UPCAST, ACC)
@@ -441,7 +473,7 @@ def _dbl_pre_kernel(A, B, Ab, Bb, M, N, D, sc_ptr, bi_ptr, sbar_ptr, bbar_ptr, l
         acc += tl.sum(tl.where(valid, p * W, 0.0), 1)
         if FUSE_COLS:
             lrb = tl.load(lse_b + offs_n, mask=cmask, other=0.0).to(ACC) * 1.4426950408889634
-            q = tl.exp2(z2 - lrb[None, :])
+            q = _col_softmax(x, s2, b2, p, ea, c, lrb, cmask, fast, QFAST)
             tl.store(cpart + pid * N + offs_n, tl.sum(tl.where(valid, q * W, 0.0), 0), mask=cmask)
     tl.store(rho + offs_m, acc, mask=rmask)
 
@@ -449,13 +481,13 @@ def _dbl_pre_kernel(A, B, Ab, Bb, M, N, D, sc_ptr, bi_ptr, sbar_ptr, bbar_ptr, l
 @triton.jit(do_not_specialize=["M", "N", "r"])
 def _dbl_kernel(A, B, Ab, Bb, M, N, D, sc_ptr, bi_ptr, sbar_ptr, bbar_ptr,
                 La, Lb, Lab, Lbb, a_ptr, abar_ptr, r, w_ptr,
-                lse_a, lse_b, g_a, g_b, rho_a, rho_b, gout_ptr,
+                lse_a, lse_b, lmin_b, g_a, g_b, rho_a, rho_b, gout_ptr,
                 gA, gLa, ga_out, part_s, part_b, part_g,
                 KIND: tl.constexpr, TGT: tl.constexpr, PRIMARY: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BDO: tl.constexpr,
                 RP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, LR_PREC: tl.constexpr,
                 ACC: tl.constexpr, LDT: tl.constexpr, LR16: tl.constexpr, WD: tl.constexpr, DP: tl.constexpr,
-                FLAT: tl.constexpr):
+                FLAT: tl.constexpr, QFAST: tl.constexpr):
     """Double backward row pass, grid (row blocks, d-chunks; WD: one chunk). With W the cotangent of G and Y that of H:
     δZ = (∂G/∂Z)ᵀW + (∂H/∂Z)ᵀY, δS likewise; gA = Σ_j (s·δZ + s̄·G) B_j + s·Σ_j G B̄_j,
     gLa = δS·Lb + H·L̄b, ga = diag(δS); PRIMARY: partials of ∂s, ∂b and ∂g (pair kinds)."""
@@ -486,6 +518,7 @@ def _dbl_kernel(A, B, Ab, Bb, M, N, D, sc_ptr, bi_ptr, sbar_ptr, bbar_ptr,
         lra = tl.load(lse_a + offs_m, mask=rmask, other=0.0).to(ACC) * 1.4426950408889634
         ga = tl.load(g_a + offs_m, mask=rmask, other=0.0).to(ACC)
         rha = tl.load(rho_a + offs_m, mask=rmask, other=0.0).to(ACC)
+        c, ea, fast = _row_scale(lra, rmask, lmin_b, QFAST)
     acc = tl.zeros((BM, BDO), ACC)
     accL = tl.zeros((BM, RP), ACC)
     accd = tl.zeros((BM,), ACC)
@@ -509,8 +542,9 @@ def _dbl_kernel(A, B, Ab, Bb, M, N, D, sc_ptr, bi_ptr, sbar_ptr, bbar_ptr,
             lrb = tl.load(lse_b + offs_n, mask=cmask, other=0.0).to(ACC) * 1.4426950408889634
             gb = tl.load(g_b + offs_n, mask=cmask, other=0.0).to(ACC)
             rhb = tl.load(rho_b + offs_n, mask=cmask, other=0.0).to(ACC)
-            pg = ga[:, None] * tl.exp2(z2 - lra[:, None])
-            qg = gb[None, :] * tl.exp2(z2 - lrb[None, :])
+            p = tl.exp2(z2 - lra[:, None])
+            pg = ga[:, None] * p
+            qg = gb[None, :] * _col_softmax(x, s2, b2, p, ea, c, lrb, cmask, fast, QFAST)
             G = tl.where(valid, pg + qg, 0.0)
             dZ = tl.where(valid, pg * (W - rha[:, None]) + qg * (W - rhb[None, :]), 0.0)
         else:

@@ -13,7 +13,7 @@ Where `triton_backend._config` gets a config (later wins):
 A table is JSON: ``{"version": 1, "devices": {"<torch.cuda.get_device_name>": {"<stage>|<dtype>|<DP>":
 {"config": {...}, "ms": ..., "n": ..., "triton": ..., "date": ...}}}}`` with stage one of :data:`STAGES`, dtype
 e.g. ``bfloat16`` and DP the feature dimension rounded up to a power of two. ``config`` holds the keys of a
-launch config (BM, BN, BK, BDO, num_warps, num_stages, WD, FLAT); ``{}`` records that the defaults won.
+launch config (BM, BN, BK, BDO, num_warps, num_stages, WD, FLAT, QFAST); ``{}`` records that the defaults won.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ __all__ = ["CANDIDATES", "STAGES", "device_key", "lookup", "reset_cache", "save"
 VERSION = 1
 PACKAGED = Path(__file__).with_name("tuned_configs.json")
 ENV = "LORS_FAST_TRITON_CONFIGS"
-CONFIG_KEYS = ("BM", "BN", "BK", "BDO", "num_warps", "num_stages", "WD", "FLAT")
+CONFIG_KEYS = ("BM", "BN", "BK", "BDO", "num_warps", "num_stages", "WD", "FLAT", "QFAST")
 
 # The kernel stages of triton_backend._config and what each is timed on: (kind, low-rank target, what runs).
 # "fwd"/"fwd_pair": the forward alone; "bwd"/"bwd_pair": forward + backward; "dbl"/"dbl_pair": forward +
@@ -42,12 +42,15 @@ STAGES = {"bwd": ("infonce", False), "bwd_pair": ("wbce", True), "fwd_pair": ("w
 # 16-bit candidates per stage (None = the backend's default; a candidate's keys replace the default's; "old" =
 # the default before the sm_90a analysis of bench/RESULTS_AOT.md; WD = the resident-row-block layout of
 # triton_kernels; FLAT = the flattened column × d loop, on by default in fwd, fwd_pair and bwd, so toggled
-# right after the default). Each compiles for sm_90a, fits its shared memory and spills little
+# right after the default; QFAST = the column softmax from the row one's exponentials, off by default in the
+# 16-bit bwd and dbl). Each compiles for sm_90a, fits its shared memory and spills little
 # (bench/aot_check.py --candidates). Ordered by how much the stage weighs in a training step; a time budget
 # cuts the tail.
 CANDIDATES: dict[str, list] = {
     "bwd": [None,
             dict(FLAT=False),
+            dict(QFAST=True),  # one exp per tile element instead of two (88 B of spills on sm_90a)
+            dict(BN=32, QFAST=True),  # the same with a spill-free tile
             dict(BM=64, BN=32, num_warps=8, num_stages=3, WD=True),
             dict(BM=64, BN=64, num_warps=8, num_stages=2, WD=True),
             dict(BM=64, BN=32, BK=64, BDO=512, num_warps=8, num_stages=2)],
@@ -61,8 +64,9 @@ CANDIDATES: dict[str, list] = {
                  dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=4),  # old
                  dict(BM=128, BN=32, num_warps=8, num_stages=2, WD=True),
                  dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=4)],
-    "dbl": [None,  # spills: default 272 B, the others none
+    "dbl": [None,  # spills: default 264 B, the others none
             dict(FLAT=True),
+            dict(QFAST=True),  # one exp per tile element instead of two (336 B of spills)
             dict(BM=64, BN=32, BK=64, BDO=256, num_warps=8, num_stages=2),
             dict(BM=64, BN=16, BK=64, BDO=512, num_warps=8, num_stages=2)],  # one d-chunk: 5 GEMMs/pass, not 8
     "dbl_pair": [None,  # spills: default 320 B, old 3224 B
