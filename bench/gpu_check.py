@@ -334,6 +334,42 @@ def _fwd_bwd(loss_fn, img, txt, scale, tgt, bias, leaves, kind, backend):
     return f
 
 
+_WARM: dict = {}
+
+
+def sec_precompile(until):
+    """Start compiling every tuning candidate (bf16, d = 512) in worker processes (lors_fast.ops.triton_tuning.
+    precompile) while the correctness section runs: the sweep then times them from Triton's on-disk cache.
+    (The first H200 run spent most of its sweep compiling.) Dry run: two workers, two jobs (the mechanism)."""
+    from lors_fast.ops import triton_tuning as tt
+
+    d = _sz(512, 32)
+    stages = ["bwd", "fwd"] if DRY else None
+    cands = {st: tt.CANDIDATES[st][:1] for st in stages} if DRY else None
+    _WARM["ex"], _WARM["futures"] = tt.precompile(DEV, torch.bfloat16, d=d, stages=stages, candidates=cands,
+                                                  workers=2 if DRY else None, n=_sz(256, 24), wait=False)
+    log(f"precompile: {len(_WARM['futures'])} (stage, config) jobs started in {_WARM['ex']._max_workers} workers")
+
+
+def _join_precompile(until):
+    futs = _WARM.pop("futures", [])
+    ex = _WARM.pop("ex", None)
+    if ex is None:
+        return
+    from concurrent.futures import wait as fwait
+
+    done, pending = fwait(futs, timeout=max(0.0, until - el()))
+    rows = [f.result() for f in done if f.exception() is None]
+    bad = [r for r in rows if "error" in r]
+    RES["precompile"] = dict(jobs=len(futs), done=len(done), failed=len(bad),
+                             compile_s=round(sum(r["s"] for r in rows), 1), errors=bad)
+    log(f"precompile: {len(done)}/{len(futs)} jobs done ({RES['precompile']['compile_s']} s of worker time), "
+        f"{len(bad)} failed{'' if not bad else ': ' + str(bad[:3])}")
+    for f in pending:
+        f.cancel()
+    ex.shutdown(wait=False, cancel_futures=True)
+
+
 def sec_sweep(until):
     """The launch-config tuning of `lors-fast tune-kernels` (lors_fast.ops.triton_tuning: per stage, the default,
     the old default and the candidates screened by bench/aot_check.py), bf16, N = 16384, d = 512; each stage's
@@ -344,6 +380,7 @@ def sec_sweep(until):
     from lors_fast.ops import triton_tuning as tt
 
     N, d = _sz(16384, 64), _sz(512, 32)
+    _join_precompile(min(until - 60, el() + 45))  # compiles still running by then are left to the tuning
     P = tb.TritonPrimitives()
     res = tt.tune(DEV, torch.bfloat16, d=d, n=N, budget_s=max(1.0, until - el() - 20), log=log)
     for e in res["entries"]:
@@ -755,6 +792,10 @@ def write_report():
             lines.append(f"| {c['prim']} | {c['kind']} | {c['target']} | {c['M']} | {c['N']} | {c['d']} | "
                          f"{c['scale']:g} | {c['mode']} | {c['worst']:.2e} | {c['worst_eager']:.2e} | {'yes' if c['ok'] else 'NO'} |")
         lines.append("")
+    if RES.get("precompile"):
+        pc = RES["precompile"]
+        lines += [f"Precompile (worker processes): {pc['done']}/{pc['jobs']} candidate jobs, {pc['compile_s']} s of "
+                  f"worker time, {pc['failed']} failed", ""]
     if RES.get("sweep_best"):
         lines += [f"Config sweep (bf16, N=16384, d=512) best: `{RES['sweep_best']}`", ""]
     bf = RES["ceiling"].get("bf16", {}).get("tflops")
@@ -813,6 +854,7 @@ def main():
     try:
         run_section("meta", sec_meta, BUDGET)
         run_section("ceiling", sec_ceiling, 20)
+        run_section("precompile (start)", sec_precompile, 30)
         run_section("correctness", sec_correctness, float(os.environ.get("GPU_CHECK_CORR_UNTIL", "65")))
         run_section("sweep", sec_sweep, 160)
         run_section("postcheck (sweep's configs)", sec_postcheck, 172)
@@ -823,6 +865,8 @@ def main():
         run_section("providers", sec_providers, min(max(255.0, el() + 20), BUDGET - 15))
         run_section("grid", sec_grid, BUDGET - 15)
     finally:
+        if "ex" in _WARM:
+            _WARM["ex"].shutdown(wait=False, cancel_futures=True)
         write_report()
         log("done")
 

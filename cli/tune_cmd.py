@@ -20,14 +20,17 @@ _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 @click.option("--budget", type=click.FloatRange(min=1), default=None, help="stop starting candidates after S seconds")
 @click.option("--margin", type=click.FloatRange(min=0, max=0.5), default=0.03, show_default=True,
               help="a candidate replaces the default only when faster by more than this fraction")
+@click.option("--jobs", type=click.IntRange(min=0), default=None,
+              help="worker processes compiling the candidates before the timing [default: up to 8, one per two "
+                   "CPU cores; 0: compile while timing]")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="table to merge the results into [default: $LORS_FAST_TRITON_CONFIGS or "
                    "~/.cache/lors_fast/triton_configs.json]")
-def tune_kernels(dtype, d, n, stages, budget, margin, out):
+def tune_kernels(dtype, d, n, stages, budget, margin, jobs, out):
     """Time candidate launch configs of the fused Triton kernels per stage; save the fastest.
 
     Needs a CUDA GPU (with TRITON_INTERPRET=1 it runs on CPU in the interpreter: a smoke test, not a tuning).
-    Takes one to three minutes (compilation dominates)."""
+    Takes one to three minutes (compilation dominates; --jobs compiles the candidates in parallel first)."""
     import torch
 
     from lors_fast.ops import triton_tuning
@@ -42,6 +45,11 @@ def tune_kernels(dtype, d, n, stages, budget, margin, out):
     else:
         raise click.UsageError("tune-kernels needs a CUDA GPU (or TRITON_INTERPRET=1 for a CPU smoke run)")
     dt = getattr(torch, _DTYPES[dtype])
+    if jobs != 0 and device == "cuda":
+        rows = triton_tuning.precompile(device, dt, d=d, stages=stages or None, workers=jobs)
+        failed = [r for r in rows if "error" in r]
+        click.echo(f"compiled {len(rows) - len(failed)}/{len(rows)} candidates in worker processes"
+                   + (f" ({len(failed)} failed: timed anyway, their errors follow)" if failed else ""))
     try:
         res = triton_tuning.tune(device, dt, d=d, n=n, stages=stages or None, budget_s=budget, margin=margin,
                                  log=lambda m: click.echo(m))

@@ -79,6 +79,25 @@ def test_tuned_configs_stay_correct(table_path):
         assert float((x - y).abs().max()) < tol
 
 
+def test_precompile_runs_every_candidate_in_worker_processes(table_path):
+    """The parallel warm-up runs each (stage, candidate) once in spawned workers; a failing candidate comes back
+    as an error row, not an exception (under the interpreter nothing is compiled: the mechanism only)."""
+    cands = {"bwd": CANDS["bwd"], "fwd_pair": CANDS["fwd_pair"] + [dict(BM=16, BN=32, BK=0)]}  # BK 0: fails
+    rows = tt.precompile(DEV, torch.float32, d=20, stages=["bwd", "fwd_pair"], candidates=cands, workers=2, n=24)
+    assert [(r["stage"], r["config"]) for r in rows] == [
+        ("bwd", "default"), ("bwd", CANDS["bwd"][1]), ("fwd_pair", "default"), ("fwd_pair", CANDS["fwd_pair"][1]),
+        ("fwd_pair", dict(BM=16, BN=32, BK=0))]
+    assert all("error" not in r and r["s"] > 0 for r in rows[:4]), rows
+    assert "error" in rows[4], rows[4]
+    ex, futs = tt.precompile(DEV, torch.float32, d=20, stages=["bwd"], candidates=CANDS, workers=1, n=24,
+                             wait=False)
+    try:
+        assert len(futs) == 2 and all("error" not in f.result(timeout=300) for f in futs)
+    finally:
+        ex.shutdown()
+    assert tb.CONFIG_OVERRIDE == {}
+
+
 def test_bad_tables_and_arguments(table_path):
     table_path.write_text("{not json")
     with pytest.raises(ValueError, match="not readable JSON"):

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CANDIDATES", "STAGES", "device_key", "lookup", "reset_cache", "save", "tune", "user_table_path"]
+__all__ = ["CANDIDATES", "STAGES", "device_key", "lookup", "precompile", "reset_cache", "save", "tune",
+           "user_table_path"]
 
 VERSION = 1
 PACKAGED = Path(__file__).with_name("tuned_configs.json")
@@ -215,6 +216,53 @@ def _workload(stage, n, d, dtype, device):
             gs = torch.autograd.grad(loss, leaves, create_graph=True)
             return torch.autograd.grad(sum((c * x).sum() for c, x in zip(cot, gs)), leaves)
     return run
+
+
+# ---------------------------------------------------------------------------------- parallel compiles
+def _warm(job):
+    """One candidate's workload at a tiny size, in a worker process: it compiles the kernels (the same
+    specialisations as at full size: M, N are not specialised, d is the same) into Triton's on-disk cache."""
+    stage, cfg, dname, d, n, device = job
+    from . import triton_backend as tb
+
+    t0 = time.time()
+    key = (stage, dname)
+    try:
+        if cfg:
+            tb.CONFIG_OVERRIDE[key] = dict(cfg)
+        _workload(stage, n, d, getattr(torch, dname), torch.device(device))()
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        return dict(stage=stage, config=cfg or "default", s=time.time() - t0)
+    except Exception as e:  # noqa: BLE001 - reported, the timing run records the failure again
+        return dict(stage=stage, config=cfg or "default", s=time.time() - t0, error=f"{type(e).__name__}: {e}"[:300])
+    finally:
+        tb.CONFIG_OVERRIDE.pop(key, None)
+
+
+def precompile(device="cuda", dtype=torch.bfloat16, d: int = 512, stages=None, candidates=None,
+               workers: int | None = None, n: int = 256, wait: bool = True):
+    """Compile every candidate config of ``stages`` in ``workers`` spawned processes (default: up to 8, one
+    per two CPU cores) by running each workload once at ``n`` rows; :func:`tune` in this process then finds
+    the kernels in Triton's on-disk cache instead of compiling them one after another (compilation dominates
+    a tuning run). ``wait=False`` returns ``(executor, futures)`` to overlap the compiles with other work;
+    call ``executor.shutdown()`` when done."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    stages = list(stages or STAGES)
+    cands = candidates or CANDIDATES
+    dname = str(dtype).replace("torch.", "")
+    jobs = [(st, cfg, dname, d, n, str(device)) for st in stages for cfg in cands.get(st, [None])]
+    workers = workers or max(1, min(8, (os.cpu_count() or 2) // 2, len(jobs)))
+    ex = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    futures = [ex.submit(_warm, j) for j in jobs]
+    if not wait:
+        return ex, futures
+    try:
+        return [f.result() for f in futures]
+    finally:
+        ex.shutdown()
 
 
 def _time_ms(fn, device, rep_ms):
