@@ -61,7 +61,8 @@ def _ptxas():
 def _kernel(stage):
     from lors_fast.ops import triton_kernels as K
 
-    return {"fwd": K._fwd_kernel, "bwd": K._bwd_kernel, "pre": K._dbl_pre_kernel, "dbl": K._dbl_kernel}[stage]
+    return {"fwd": K._fwd_kernel, "bwd": K._bwd_kernel, "pre": K._dbl_pre_kernel, "dbl": K._dbl_kernel,
+            "gtile": K._gtile_kernel}[stage]
 
 
 def constexprs(stage, kind, tgt, dtype, D, override=None, cc: int = 90):
@@ -70,7 +71,7 @@ def constexprs(stage, kind, tgt, dtype, D, override=None, cc: int = 90):
 
     from lors_fast.ops import triton_backend as tb
 
-    cstage = stage + "_pair" if kind != "lse" and stage != "pre" else stage
+    cstage = "bwd" if stage == "gtile" else stage + "_pair" if kind != "lse" and stage != "pre" else stage
     saved = dict(tb.CONFIG_OVERRIDE)
     try:
         tb.CONFIG_OVERRIDE.clear()
@@ -82,6 +83,9 @@ def constexprs(stage, kind, tgt, dtype, D, override=None, cc: int = 90):
         tb.CONFIG_OVERRIDE.update(saved)
     prec = "tf32" if dtype == torch.float32 else "ieee"
     upcast, PREC, ACC = tb._flags(dtype, prec)
+    if stage == "gtile":  # the strip backward's G-tile kernel (a bwd config with STRIP > 0)
+        return (dict(BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, UPCAST=upcast, PREC=PREC, ACC=ACC, PRIMARY=True),
+                dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), cfg)
     c = dict(BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, UPCAST=upcast, PREC=PREC, ACC=ACC, WD=cfg.WD, DP=cfg.DP,
              FLAT=cfg.FLAT)
     if stage != "pre":
@@ -106,6 +110,8 @@ def compile_one(stage, kind, tgt, dtype, D, override=None, cc: int = 90):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    if stage == "bwd" and override and override.get("STRIP"):
+        stage = "gtile"
     fn = _kernel(stage)
     consts, opts, cfg = constexprs(stage, kind, tgt, dtype, D, override, cc)
     lowp = "*bf16" if dtype == torch.bfloat16 else "*fp16" if dtype == torch.float16 else "*fp32"
@@ -113,16 +119,16 @@ def compile_one(stage, kind, tgt, dtype, D, override=None, cc: int = 90):
     for n in fn.arg_names:
         if n in consts:
             sig[n] = "constexpr"
-        elif n in ("M", "N", "D", "r"):
+        elif n in ("M", "N", "D", "r", "ldg"):
             sig[n] = "i32"
         else:
-            sig[n] = lowp if n in ("A", "B", "Ab", "Bb", "dA", "gA") else "*fp32"
+            sig[n] = lowp if n in ("A", "B", "Ab", "Bb", "dA", "gA", "G") else "*fp32"
     # what the launcher's specialisation sees: 16-byte aligned pointers, D divisible by 16 when it is
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names
              if sig[n].startswith("*") or (n == "D" and D % 16 == 0)}
     row = dict(arch=ARCHS[cc][0], stage=stage, kind=kind, target="lowrank" if tgt else "identity",
                dtype=str(dtype).replace("torch.", ""), d=D, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BDO=cfg.BDO,
-               WD=cfg.WD, FLAT=cfg.FLAT, QFAST=cfg.QFAST, num_warps=cfg.num_warps, num_stages=cfg.num_stages, default=not override)
+               WD=cfg.WD, FLAT=cfg.FLAT, QFAST=cfg.QFAST, STRIP=cfg.STRIP, num_warps=cfg.num_warps, num_stages=cfg.num_stages, default=not override)
     t0 = time.time()
     try:
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
@@ -159,8 +165,10 @@ def compile_one(stage, kind, tgt, dtype, D, override=None, cc: int = 90):
 def fmt(row):
     cfg = (f"BM {row['BM']} BN {row['BN']} " + ("WD" if row["WD"] else f"BK {row['BK']}") +
            (f" BDO {row['BDO']}" if row["stage"] in ("bwd", "dbl") and not row["WD"] else "") +
-           (" FLAT" if row.get("FLAT") and not row["WD"] else "") +
-           (" noQ" if not row.get("QFAST", True) and row["stage"] != "fwd" and row["kind"] == "lse" else "") +
+           (f" STRIP {row['STRIP']}" if row.get("STRIP") else "") +
+           (" FLAT" if row.get("FLAT") and not row["WD"] and row["stage"] != "gtile" else "") +
+           (" noQ" if not row.get("QFAST", True) and row["stage"] in ("bwd", "pre", "dbl") and row["kind"] == "lse"
+            else "") +
            f" w{row['num_warps']} s{row['num_stages']}")
     head = (f"| {row['stage']} | {row['kind']}/{row['target']} | {row['dtype']} | {row['d']} | {cfg} | "
             f"{'default' if row['default'] else 'candidate'} |")

@@ -298,6 +298,21 @@ def test_whole_d_layout_pairsum(whole_d, case):
             lambda: oracle_pairsum(kind, *oin, npos=npos, nneg=nneg), kin, oin, *TOL[F64], f"WD {kind}/{tg}")
 
 
+@pytest.mark.parametrize("case", [(17, 5, 33, False, torch.float64), (65, 63, 24, True, torch.float64),
+                                  (1, 1, 3, True, torch.float64), (70, 40, 24, True, torch.float32)],
+                         ids=lambda c: f"M{c[0]}-N{c[1]}-d{c[2]}-{str(c[4])[6:]}")
+def test_lse_backward_by_strips(monkeypatch, case):
+    """STRIP: the backward as G tiles written per strip of rows (of U, then of V) and library matmuls; strips
+    of 32 rows (two or three per side here, the last one short), values and first and second derivatives."""
+    import lors_fast.ops.triton_backend as tb
+
+    monkeypatch.setattr(tb, "CONFIG_OVERRIDE", {"bwd": dict(STRIP=32, BM=16, BN=16, BK=16)})
+    M, N, d, bias, dt = case
+    U, V, s, b, _ = make_inputs(M, N, d, 1, F64, seed=23, bias=bias, lowrank=False)
+    kin, oin = _leaves(U, V, s, b, None, dt, DEV)
+    compare(lambda: P_EXACT.lse(*kin[:4]), lambda: oracle_lse(*oin[:4]), kin, oin, *TOL[dt], f"strips lse {case}")
+
+
 @pytest.mark.parametrize("how", ["flag-off", "over-cap"])
 def test_lse_double_backward_two_pass_pre(monkeypatch, how):
     # the unfused pre-pass (ρ and κ in two sweeps), taken when asked or when the partials buffer is too big

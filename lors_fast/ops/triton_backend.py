@@ -112,12 +112,13 @@ class _Cfg:
     DP = the next power of two, each column tile of the other side is loaded once and used by both GEMMs
     (the backward's d-chunk becomes BDO = DP, one chunk); BK is then unused."""
 
-    __slots__ = ("BM", "BN", "BK", "BDO", "num_warps", "num_stages", "WD", "DP", "FLAT", "QFAST")
+    __slots__ = ("BM", "BN", "BK", "BDO", "num_warps", "num_stages", "WD", "DP", "FLAT", "QFAST", "STRIP")
 
-    def __init__(self, BM, BN, BK, BDO, num_warps, num_stages, WD=False, DP=16, FLAT=False, QFAST=True):
+    def __init__(self, BM, BN, BK, BDO, num_warps, num_stages, WD=False, DP=16, FLAT=False, QFAST=True, STRIP=0):
         self.BM, self.BN, self.BK, self.BDO = BM, BN, BK, BDO
         self.num_warps, self.num_stages = num_warps, num_stages
         self.WD, self.DP, self.FLAT, self.QFAST = bool(WD), DP, bool(FLAT), bool(QFAST)
+        self.STRIP = int(STRIP)
 
 
 @functools.cache
@@ -339,6 +340,8 @@ def _lse_backward(c: _Ctx, lr, lc, glr, glc):
     dV = torch.empty_like(c.V)
     glr = glr.detach().to(c.acc).contiguous()
     glc = glc.detach().to(c.acc).contiguous()
+    if cfg.STRIP:
+        return _lse_backward_strips(c, cfg, lr, lc, glr, glc)
     nbm, nbn, nd, ps, pb, common = c.pass_setup(cfg)
     with _guard(c.device):
         lmin_r, lmin_c = lr.min(), lc.min()  # (the column-softmax shortcut's range check, _row_scale)
@@ -347,6 +350,37 @@ def _lse_backward(c: _Ctx, lr, lc, glr, glc):
         K._bwd_kernel[(nbn, nd)](c.V, c.U, c.N, c.M, c.D, c.s, c.b, d, d, d, 1, d, lc, lr, lmin_r, glc, glr, d,
                                  dV, d, d, d, d, PRIMARY=False, **common)
     return dU, dV, ps.sum(), pb.sum()
+
+
+def _lse_backward_strips(c: _Ctx, cfg, lr, lc, glr, glc):
+    """The LSE backward by strips of ``cfg.STRIP`` rows (a launch option, see _config): the fused tile kernel
+    writes G = ∂out/∂Z for a strip of rows of U against all of V (``_gtile_kernel``: a tiled GEMM with an
+    elementwise epilogue), and the output GEMM dU[strip] = s·G·V runs as a library matmul (cuBLAS on a GPU);
+    then the same for strips of V (Gᵀ, the roles swapped) into dV. Memory O(STRIP·N) instead of O(N·d); each
+    output row written once by one matmul (deterministic, no cross-strip accumulation); ∂s from per-tile
+    partials of Σ G⊙X, ∂b = Σglr + Σglc (each softmax sums to one)."""
+    K = _kernels()
+    rows = max(cfg.BM, cfg.STRIP // cfg.BM * cfg.BM)
+    dU = torch.empty_like(c.U)
+    dV = torch.empty_like(c.V)
+    G = torch.empty(max(min(rows, c.M) * c.N, min(rows, c.N) * c.M), dtype=c.dtype, device=c.device)
+    parts = []
+    kw = dict(BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, UPCAST=c.upcast, PREC=c.prec, ACC=c.ACC, num_warps=cfg.num_warps,
+              num_stages=cfg.num_stages)
+    with _guard(c.device):
+        for A, B, M, N, la, lb, ga, gb, out, primary in ((c.U, c.V, c.M, c.N, lr, lc, glr, glc, dU, True),
+                                                         (c.V, c.U, c.N, c.M, lc, lr, glc, glr, dV, False)):
+            for r0 in range(0, M, rows):
+                r1 = min(r0 + rows, M)
+                g = G[:(r1 - r0) * N].view(r1 - r0, N)
+                grid = (triton_cdiv(r1 - r0, cfg.BM), triton_cdiv(N, cfg.BN))
+                part = c.partial(grid[0] * grid[1]) if primary else G
+                K._gtile_kernel[grid](A[r0:r1], B, r1 - r0, N, c.D, c.s, c.b, la[r0:r1], lb, ga[r0:r1], gb, g, N,
+                                      part, PRIMARY=primary, **kw)
+                torch.mm(g, B, out=out[r0:r1])
+                if primary:
+                    parts.append(part.sum())
+    return dU, dV, torch.stack(parts).sum(), glr.sum() + glc.sum()
 
 
 def _lse_double(c: _Ctx, lr, lc, glr, glc, Ub, Vb, sbar, bbar):

@@ -5,6 +5,8 @@ blocks, recomputing each tile (a GEMM over d in BK steps). The column pass of a 
 kernel called with the roles swapped (A↔B, L↔R, row stats↔column stats): Zᵀ = s·B·Aᵀ + b and
 Sᵀ = diag(a) + R·Lᵀ, so no second kernel is needed. Scalars (∂s, ∂b, ∂g) are written as per-program
 partials and reduced in torch; nothing is accumulated with atomics, so every result is deterministic.
+The exception is _gtile_kernel, one tile per program: the strip backward writes G = ∂out/∂Z for a strip of
+rows and leaves the output GEMMs to library matmuls (O(strip·N) memory, not O(N·d)).
 
 KIND (constexpr): 0 = log-sum-exp, 1 = bce, 2 = wbce, 3 = mse, 4 = softplus.
 TGT (constexpr): 0 = identity target (S = I), 1 = low-rank target S = diag(a) + La·Lbᵀ.
@@ -432,6 +434,38 @@ def _bwd_kernel(A, B, M, N, D, sc_ptr, bi_ptr, La, Lb, a_ptr, r, w_ptr,
         tl.store(dLa + offs_m[:, None] * r + rs[None, :], accL, mask=lmask)
         if PRIMARY:
             tl.store(da + offs_m, accd, mask=rmask & first)
+
+
+@triton.jit(do_not_specialize=["M", "N"])
+def _gtile_kernel(A, B, M, N, D, sc_ptr, bi_ptr, lse_a, lse_b, g_a, g_b, G, ldg, part,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                  ACC: tl.constexpr, PRIMARY: tl.constexpr):
+    """Strip backward of the LSE primitive, grid (row tiles, column tiles): one (BM × BN) tile of s·G, where
+    G = ∂out/∂Z = ga_i·p_ij + gb_j·q_ij (p, q the row and column softmax of Z = s·X + b, X = A·Bᵀ, from the
+    forward's LSEs), for the M rows of A (a strip of rows) against all N rows of B, stored in G's dtype with row
+    stride ldg; PRIMARY: the tile's Σ G⊙X (its share of ∂s) in part[program]. A plain tiled GEMM with an
+    elementwise epilogue: the output GEMM (s·G)·B then runs as a library matmul
+    (triton_backend._lse_backward_strips), and the column strips (roles swapped) give (s·Gᵀ)·A."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    rmask = offs_m < M
+    cmask = offs_n < N
+    s = tl.load(sc_ptr).to(ACC)
+    s2 = s * 1.4426950408889634
+    b2 = tl.load(bi_ptr).to(ACC) * 1.4426950408889634
+    lra = tl.load(lse_a + offs_m, mask=rmask, other=0.0).to(ACC) * 1.4426950408889634
+    ga = tl.load(g_a + offs_m, mask=rmask, other=0.0).to(ACC)
+    lrb = tl.load(lse_b + offs_n, mask=cmask, other=0.0).to(ACC) * 1.4426950408889634
+    gb = tl.load(g_b + offs_n, mask=cmask, other=0.0).to(ACC)
+    valid = rmask[:, None] & cmask[None, :]
+    x = _x_tile(A, B, offs_m, offs_n, M, N, D, BM, BN, BK, UPCAST, PREC, ACC)
+    z2 = tl.where(valid, x * s2 + b2, float("-inf"))  # padding: G = 0, no overflow from padded logits
+    g = ga[:, None] * tl.exp2(z2 - lra[:, None]) + gb[None, :] * tl.exp2(z2 - lrb[None, :])
+    tl.store(G + offs_m[:, None] * ldg + offs_n[None, :], (g * s).to(G.dtype.element_ty), mask=valid)
+    if PRIMARY:
+        tl.store(part + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(g * x, 1), 0))
 
 
 @triton.jit(do_not_specialize=["M", "N"])

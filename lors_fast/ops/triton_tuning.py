@@ -32,7 +32,7 @@ __all__ = ["CANDIDATES", "STAGES", "device_key", "lookup", "precompile", "reset_
 VERSION = 1
 PACKAGED = Path(__file__).with_name("tuned_configs.json")
 ENV = "LORS_FAST_TRITON_CONFIGS"
-CONFIG_KEYS = ("BM", "BN", "BK", "BDO", "num_warps", "num_stages", "WD", "FLAT", "QFAST")
+CONFIG_KEYS = ("BM", "BN", "BK", "BDO", "num_warps", "num_stages", "WD", "FLAT", "QFAST", "STRIP")
 
 # The kernel stages of triton_backend._config and what each is timed on: (kind, low-rank target, what runs).
 # "fwd"/"fwd_pair": the forward alone; "bwd"/"bwd_pair": forward + backward; "dbl"/"dbl_pair": forward +
@@ -44,7 +44,8 @@ STAGES = {"bwd": ("infonce", False), "bwd_pair": ("wbce", True), "fwd_pair": ("w
 # the default before the sm_90a analysis of bench/RESULTS_AOT.md; WD = the resident-row-block layout of
 # triton_kernels; FLAT = the flattened column × d loop, on by default in fwd, fwd_pair and bwd, so toggled
 # right after the default; QFAST = the column softmax from the row one's exponentials, off by default in the
-# 16-bit bwd and dbl). Each compiles for sm_90a, fits its shared memory and spills little
+# 16-bit bwd and dbl; STRIP = the LSE backward by strips of rows, see triton_backend._lse_backward_strips).
+# Each compiles for sm_90a, fits its shared memory and spills little
 # (bench/aot_check.py --candidates). Ordered by how much the stage weighs in a training step; a time budget
 # cuts the tail.
 CANDIDATES: dict[str, list] = {
@@ -54,7 +55,10 @@ CANDIDATES: dict[str, list] = {
             dict(BN=32, QFAST=True),  # the same with a spill-free tile
             dict(BM=64, BN=32, num_warps=8, num_stages=3, WD=True),
             dict(BM=64, BN=64, num_warps=8, num_stages=2, WD=True),
-            dict(BM=64, BN=32, BK=64, BDO=512, num_warps=8, num_stages=2)],
+            dict(BM=64, BN=32, BK=64, BDO=512, num_warps=8, num_stages=2),
+            # by strips: G tiles (a GEMM with an elementwise epilogue) + library matmuls; O(STRIP·N) memory
+            dict(STRIP=1024, BM=128, BN=128, BK=64, num_warps=8, num_stages=4),
+            dict(STRIP=512, BM=128, BN=128, BK=64, num_warps=8, num_stages=4)],
     "bwd_pair": [None,
                  dict(FLAT=True),
                  dict(BM=64, BN=64, BK=64, BDO=512, num_warps=8, num_stages=2),  # old
