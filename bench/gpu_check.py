@@ -467,8 +467,15 @@ def time_row(provider, kind, lowrank, N, d, dtype, until, double=False):
     N, d = _sz(N, 64), _sz(d, 32)
     r = 10 if lowrank else 0
     img, txt, scale, tgt, bias, leaves = _problem(N, d, dtype, kind, lowrank)
-    if provider == "triton":
+    strip = None
+    if provider in ("triton", "triton-strip"):
         fn_loss, backend = lors_fast.contrastive_loss, "triton"
+        if provider == "triton-strip":  # the LSE backward by strips, whatever the sweep chose
+            from lors_fast.ops import triton_backend as tb
+
+            key = ("bwd", str(dtype).replace("torch.", ""))
+            strip = (key, tb.CONFIG_OVERRIDE.get(key))
+            tb.CONFIG_OVERRIDE[strip[0]] = dict(STRIP=1024, BM=128, BN=128, BK=64, num_warps=8, num_stages=4)
     elif provider == "eager":
         fn_loss, backend = lors_fast.contrastive_loss, "reference"
     elif provider == "streaming":  # our chunked torch path (cuBLAS GEMMs on row chunks), O(chunk·N) memory
@@ -503,13 +510,22 @@ def time_row(provider, kind, lowrank, N, d, dtype, until, double=False):
             gs = torch.autograd.grad(loss, leaves, create_graph=True)
             f2 = sum((c * x).sum() for c, x in zip(cots, gs))
             return torch.autograd.grad(f2, leaves, allow_unused=True)
-    t1 = time.time()
-    fn()  # compile / warm up
-    if not DRY:
-        torch.cuda.synchronize()
-    first_s = time.time() - t1
-    ms = bench(fn, warmup=2, rep=40 if N <= 32768 else 20)
-    mem = peak_mem(fn)
+    try:
+        t1 = time.time()
+        fn()  # compile / warm up
+        if not DRY:
+            torch.cuda.synchronize()
+        first_s = time.time() - t1
+        ms = bench(fn, warmup=2, rep=40 if N <= 32768 else 20)
+        mem = peak_mem(fn)
+    finally:
+        if strip is not None:
+            from lors_fast.ops import triton_backend as tb
+
+            if strip[1] is None:
+                tb.CONFIG_OVERRIDE.pop(strip[0], None)
+            else:
+                tb.CONFIG_OVERRIDE[strip[0]] = strip[1]
     row = dict(provider=provider, kind=kind, target="lowrank" if lowrank else "identity", N=N, d=d, r=r,
                dtype=str(dtype).replace("torch.", ""), mode="fwd+bwd+dbl" if double else "fwd+bwd",
                ms=ms[0], p20=ms[1], p80=ms[2], tflops=_flops(N, d, r) / ms[0] / 1e9, peak_mib=mem,
@@ -541,6 +557,7 @@ def sec_targets(until):
     for kind, lr in (("infonce", False), ("wbce", True)):
         for prov in ("triton", "eager", "streaming"):
             _try(prov, kind, lr, 32768, 512, bf, until)
+    _try("triton-strip", "infonce", False, 32768, 512, bf, until)
     _try("triton", "infonce", True, 32768, 512, bf, until)
     _try("triton", "siglip", False, 32768, 512, bf, until)
     # double backward vs fwd+bwd at N = 8192
