@@ -163,7 +163,7 @@ def _config(stage: str, D: int, dtype: torch.dtype, device, cc: int | None = Non
         #   backward: the first H200 run found the tile loop latency-bound (an 8-step d loop whose software
         #   pipeline drains and refills at every column tile); flattened, the next tile's loads are in flight
         #   during the current tile's epilogue. Their sm_90a builds stay spill-free (LSE forward 12 → 0 B,
-        #   255 → 188 registers); the pair backward and the double backwards spill more flattened, so there it
+        #   255 → 237 registers); the pair backward and the double backwards spill more flattened, so there it
         #   is only a tuning candidate.
         if stage == "fwd":
             c = (dict(BM=128, BN=128, BK=64, BDO=16, num_warps=8, num_stages=4) if small else
@@ -335,13 +335,13 @@ def _lse_backward(c: _Ctx, lr, lc, glr, glc):
     """(dU, dV, ds, db) of ⟨glr, lse_row⟩ + ⟨glc, lse_col⟩."""
     K = _kernels()
     cfg = c.cfg("bwd")
-    d = c.dummy()
-    dU = torch.empty_like(c.U)
-    dV = torch.empty_like(c.V)
     glr = glr.detach().to(c.acc).contiguous()
     glc = glc.detach().to(c.acc).contiguous()
     if cfg.STRIP:
         return _lse_backward_strips(c, cfg, lr, lc, glr, glc)
+    d = c.dummy()
+    dU = torch.empty_like(c.U)
+    dV = torch.empty_like(c.V)
     nbm, nbn, nd, ps, pb, common = c.pass_setup(cfg)
     with _guard(c.device):
         lmin_r, lmin_c = lr.min(), lc.min()  # (the column-softmax shortcut's range check, _row_scale)
@@ -358,7 +358,8 @@ def _lse_backward_strips(c: _Ctx, cfg, lr, lc, glr, glc):
     elementwise epilogue), and the output GEMM dU[strip] = s·G·V runs as a library matmul (cuBLAS on a GPU);
     then the same for strips of V (Gᵀ, the roles swapped) into dV. Memory O(STRIP·N) instead of O(N·d); each
     output row written once by one matmul (deterministic, no cross-strip accumulation); ∂s from per-tile
-    partials of Σ G⊙X, ∂b = Σglr + Σglc (each softmax sums to one)."""
+    partials of Σ G⊙X, ∂b = Σglr + Σglc (each softmax sums to one). (fp32 inputs: the matmuls follow torch's
+    fp32 matmul precision, not fp32_precision; the tuned candidates are 16-bit.)"""
     K = _kernels()
     rows = max(cfg.BM, cfg.STRIP // cfg.BM * cfg.BM)
     dU = torch.empty_like(c.U)

@@ -13,7 +13,8 @@ Where `triton_backend._config` gets a config (later wins):
 A table is JSON: ``{"version": 1, "devices": {"<torch.cuda.get_device_name>": {"<stage>|<dtype>|<DP>":
 {"config": {...}, "ms": ..., "n": ..., "triton": ..., "date": ...}}}}`` with stage one of :data:`STAGES`, dtype
 e.g. ``bfloat16`` and DP the feature dimension rounded up to a power of two. ``config`` holds the keys of a
-launch config (BM, BN, BK, BDO, num_warps, num_stages, WD, FLAT, QFAST); ``{}`` records that the defaults won.
+launch config (BM, BN, BK, BDO, num_warps, num_stages, WD, FLAT, QFAST, STRIP); ``{}`` records that the
+defaults won.
 """
 
 from __future__ import annotations
