@@ -71,7 +71,8 @@ def constexprs(stage, kind, tgt, dtype, D, override=None, cc: int = 90):
 
     from lors_fast.ops import triton_backend as tb
 
-    cstage = "bwd" if stage == "gtile" else stage + "_pair" if kind != "lse" and stage != "pre" else stage
+    kstage = "bwd" if stage == "gtile" else stage
+    cstage = kstage + "_pair" if kind != "lse" and stage != "pre" else kstage
     saved = dict(tb.CONFIG_OVERRIDE)
     try:
         tb.CONFIG_OVERRIDE.clear()
@@ -84,7 +85,10 @@ def constexprs(stage, kind, tgt, dtype, D, override=None, cc: int = 90):
     prec = "tf32" if dtype == torch.float32 else "ieee"
     upcast, PREC, ACC = tb._flags(dtype, prec)
     if stage == "gtile":  # the strip backward's G-tile kernel (a bwd config with STRIP > 0)
-        return (dict(BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, UPCAST=upcast, PREC=PREC, ACC=ACC, PRIMARY=True),
+        return (dict(BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, UPCAST=upcast, PREC=PREC, ACC=ACC, PRIMARY=True,
+                     KIND=KINDS[kind], TGT=tgt, RP=16, LR16=False,
+                     LR_PREC=tb._lr_prec(dtype, prec if dtype == torch.float32 else "lowp"),
+                     LDT={torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(dtype, ACC)),
                 dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), cfg)
     c = dict(BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, UPCAST=upcast, PREC=PREC, ACC=ACC, WD=cfg.WD, DP=cfg.DP,
              FLAT=cfg.FLAT)
@@ -119,7 +123,7 @@ def compile_one(stage, kind, tgt, dtype, D, override=None, cc: int = 90):
     for n in fn.arg_names:
         if n in consts:
             sig[n] = "constexpr"
-        elif n in ("M", "N", "D", "r", "ldg"):
+        elif n in ("M", "N", "D", "r", "ldg", "r0", "r1"):
             sig[n] = "i32"
         else:
             sig[n] = lowp if n in ("A", "B", "Ab", "Bb", "dA", "gA", "G") else "*fp32"

@@ -470,12 +470,14 @@ def time_row(provider, kind, lowrank, N, d, dtype, until, double=False):
     strip = None
     if provider in ("triton", "triton-strip"):
         fn_loss, backend = lors_fast.contrastive_loss, "triton"
-        if provider == "triton-strip":  # the LSE backward by strips, whatever the sweep chose
+        if provider == "triton-strip":  # the backward by strips, whatever the sweep chose
             from lors_fast.ops import triton_backend as tb
 
-            key = ("bwd", str(dtype).replace("torch.", ""))
-            strip = (key, tb.CONFIG_OVERRIDE.get(key))
-            tb.CONFIG_OVERRIDE[strip[0]] = dict(STRIP=1024, BM=128, BN=128, BK=64, num_warps=8, num_stages=4)
+            dn = str(dtype).replace("torch.", "")
+            strip = {k: tb.CONFIG_OVERRIDE.get(k) for k in (("bwd", dn), ("bwd_pair", dn))}
+            tb.CONFIG_OVERRIDE[("bwd", dn)] = dict(STRIP=1024, BM=128, BN=128, BK=64, num_warps=8, num_stages=4)
+            tb.CONFIG_OVERRIDE[("bwd_pair", dn)] = dict(STRIP=1024, BM=128, BN=64, BK=64, num_warps=8,
+                                                        num_stages=4)
     elif provider == "eager":
         fn_loss, backend = lors_fast.contrastive_loss, "reference"
     elif provider == "streaming":  # our chunked torch path (cuBLAS GEMMs on row chunks), O(chunk·N) memory
@@ -522,10 +524,11 @@ def time_row(provider, kind, lowrank, N, d, dtype, until, double=False):
         if strip is not None:
             from lors_fast.ops import triton_backend as tb
 
-            if strip[1] is None:
-                tb.CONFIG_OVERRIDE.pop(strip[0], None)
-            else:
-                tb.CONFIG_OVERRIDE[strip[0]] = strip[1]
+            for k, v in strip.items():
+                if v is None:
+                    tb.CONFIG_OVERRIDE.pop(k, None)
+                else:
+                    tb.CONFIG_OVERRIDE[k] = v
     row = dict(provider=provider, kind=kind, target="lowrank" if lowrank else "identity", N=N, d=d, r=r,
                dtype=str(dtype).replace("torch.", ""), mode="fwd+bwd+dbl" if double else "fwd+bwd",
                ms=ms[0], p20=ms[1], p80=ms[2], tflops=_flops(N, d, r) / ms[0] / 1e9, peak_mib=mem,
@@ -558,6 +561,7 @@ def sec_targets(until):
         for prov in ("triton", "eager", "streaming"):
             _try(prov, kind, lr, 32768, 512, bf, until)
     _try("triton-strip", "infonce", False, 32768, 512, bf, until)
+    _try("triton-strip", "wbce", True, 32768, 512, bf, until)
     _try("triton", "infonce", True, 32768, 512, bf, until)
     _try("triton", "siglip", False, 32768, 512, bf, until)
     # double backward vs fwd+bwd at N = 8192

@@ -313,6 +313,33 @@ def test_lse_backward_by_strips(monkeypatch, case):
     compare(lambda: P_EXACT.lse(*kin[:4]), lambda: oracle_lse(*oin[:4]), kin, oin, *TOL[dt], f"strips lse {case}")
 
 
+@pytest.mark.parametrize("case", [("wbce", "lowrank", 70, torch.float64), ("mse", "lowrank", 33, torch.float64),
+                                  ("bce", "identity", 40, torch.float64), ("wbce", "lowrank", 50, torch.float32)],
+                         ids=lambda c: f"{c[0]}-{c[1]}-N{c[2]}-{str(c[3])[6:]}")
+def test_pair_backward_by_strips(monkeypatch, case):
+    """STRIP for the pair kinds: s·G tiles per strip + library matmuls, H·Lb from per-tile partials summed
+    over column tiles, diag(H) from the one tile holding each row's diagonal."""
+    import lors_fast.ops.triton_backend as tb
+
+    monkeypatch.setattr(tb, "CONFIG_OVERRIDE", {"bwd_pair": dict(STRIP=32, BM=16, BN=16, BK=16)})
+    kind, tg, n, dt = case
+    U, V, s, b, tgt = make_inputs(n, n, 20, 3, F64, seed=24, lowrank=tg == "lowrank")
+    kin, oin = _leaves(U, V, s, b, tgt, dt, DEV)
+    npos, nneg = _counts(P_EXACT, kin[4], n) if kind == "wbce" else (None, None)
+    compare(lambda: P_EXACT.pairsum(kind, *kin, npos=npos, nneg=nneg),
+            lambda: oracle_pairsum(kind, *oin, npos=npos, nneg=nneg), kin, oin, *TOL[dt], f"strips {kind}/{tg}")
+
+
+def test_softplus_backward_by_strips_rectangular(monkeypatch):
+    import lors_fast.ops.triton_backend as tb
+
+    monkeypatch.setattr(tb, "CONFIG_OVERRIDE", {"bwd_pair": dict(STRIP=16, BM=16, BN=16, BK=16)})
+    U, V, s, b, _ = make_inputs(37, 50, 12, 1, F64, seed=25, lowrank=False)
+    kin, oin = _leaves(U, V, s, b, None, F64, DEV)
+    compare(lambda: P_EXACT.pairsum("softplus", *kin), lambda: oracle_pairsum("softplus", *oin), kin, oin,
+            *TOL[F64], "strips softplus 37x50")
+
+
 @pytest.mark.parametrize("how", ["flag-off", "over-cap"])
 def test_lse_double_backward_two_pass_pre(monkeypatch, how):
     # the unfused pre-pass (ρ and κ in two sweeps), taken when asked or when the partials buffer is too big

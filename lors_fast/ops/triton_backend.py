@@ -338,7 +338,7 @@ def _lse_backward(c: _Ctx, lr, lc, glr, glc):
     glr = glr.detach().to(c.acc).contiguous()
     glc = glc.detach().to(c.acc).contiguous()
     if cfg.STRIP:
-        return _lse_backward_strips(c, cfg, lr, lc, glr, glc)
+        return _backward_strips(c, cfg, 0, lse=(lr, lc, glr, glc))[:4]
     d = c.dummy()
     dU = torch.empty_like(c.U)
     dV = torch.empty_like(c.V)
@@ -352,36 +352,55 @@ def _lse_backward(c: _Ctx, lr, lc, glr, glc):
     return dU, dV, ps.sum(), pb.sum()
 
 
-def _lse_backward_strips(c: _Ctx, cfg, lr, lc, glr, glc):
-    """The LSE backward by strips of ``cfg.STRIP`` rows (a launch option, see _config): the fused tile kernel
-    writes G = ∂out/∂Z for a strip of rows of U against all of V (``_gtile_kernel``: a tiled GEMM with an
-    elementwise epilogue), and the output GEMM dU[strip] = s·G·V runs as a library matmul (cuBLAS on a GPU);
-    then the same for strips of V (Gᵀ, the roles swapped) into dV. Memory O(STRIP·N) instead of O(N·d); each
-    output row written once by one matmul (deterministic, no cross-strip accumulation); ∂s from per-tile
-    partials of Σ G⊙X, ∂b = Σglr + Σglc (each softmax sums to one). (fp32 inputs: the matmuls follow torch's
-    fp32 matmul precision, not fp32_precision; the tuned candidates are 16-bit.)"""
+def _backward_strips(c: _Ctx, cfg, kind: int, lse=None, target=None, w=None, g=None):
+    """The backward by strips of ``cfg.STRIP`` rows (a launch option, see _config): ``_gtile_kernel`` (a tiled
+    GEMM with an elementwise epilogue) writes s·G, G = ∂out/∂Z, for a strip of rows of U against all of V, and
+    the output GEMM dU[strip] = (s·G)·V runs as a library matmul (cuBLAS on a GPU); then the same for strips of
+    V (Gᵀ, the roles swapped) into dV. Memory O(STRIP·N) instead of O(N·d); each output row is written once by
+    one matmul (deterministic, no cross-strip accumulation); ∂s, ∂b from per-tile partials. ``lse`` = (lr, lc,
+    glr, glc) for the LSE primitive; pair kinds: ``target`` (low-rank: H·Lb per tile, summed over column
+    tiles, and diag(H)), ``w`` (wbce weights) and ``g`` (upstream scalar). (fp32 inputs: the matmuls follow
+    torch's fp32 matmul precision, not fp32_precision; the tuned candidates are 16-bit.)
+    Returns (dU, dV, ds, db, da, dL, dR), the last three None without a low-rank target."""
     K = _kernels()
+    d = c.dummy()
+    lr, lc, glr, glc = lse if lse is not None else (d, d, d, d)
+    tgt, a, Lc, R, r = _lowrank_parts(target, c)
+    rp = _rp(r)
+    w = d if w is None else w
+    g = _scalar(g, c.acc, c.device) if g is not None else d
     rows = max(cfg.BM, cfg.STRIP // cfg.BM * cfg.BM)
     dU = torch.empty_like(c.U)
     dV = torch.empty_like(c.V)
+    da = torch.zeros(c.M, dtype=c.acc, device=c.device) if tgt else d
+    dL = torch.empty(c.M, r, dtype=c.acc, device=c.device) if tgt else None
+    dR = torch.empty(c.N, r, dtype=c.acc, device=c.device) if tgt else None
     G = torch.empty(max(min(rows, c.M) * c.N, min(rows, c.N) * c.M), dtype=c.dtype, device=c.device)
-    parts = []
-    kw = dict(BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, UPCAST=c.upcast, PREC=c.prec, ACC=c.ACC, num_warps=cfg.num_warps,
+    ps, pb = [], []
+    kw = dict(KIND=kind, TGT=tgt, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, RP=rp, UPCAST=c.upcast, PREC=c.prec,
+              LR_PREC=c.lr_prec, ACC=c.ACC, LDT=c.LDT, LR16=c.LR16, num_warps=cfg.num_warps,
               num_stages=cfg.num_stages)
+    passes = ((c.U, c.V, c.M, c.N, Lc, R, lr, lc, glr, glc, dU, dL, True),
+              (c.V, c.U, c.N, c.M, R, Lc, lc, lr, glc, glr, dV, dR, False))
     with _guard(c.device):
-        for A, B, M, N, la, lb, ga, gb, out, primary in ((c.U, c.V, c.M, c.N, lr, lc, glr, glc, dU, True),
-                                                         (c.V, c.U, c.N, c.M, lc, lr, glc, glr, dV, False)):
+        for A, B, M, N, La, Lb, la, lb, ga, gb, out, outL, primary in passes:
             for r0 in range(0, M, rows):
                 r1 = min(r0 + rows, M)
-                g = G[:(r1 - r0) * N].view(r1 - r0, N)
                 grid = (triton_cdiv(r1 - r0, cfg.BM), triton_cdiv(N, cfg.BN))
-                part = c.partial(grid[0] * grid[1]) if primary else G
-                K._gtile_kernel[grid](A[r0:r1], B, r1 - r0, N, c.D, c.s, c.b, la[r0:r1], lb, ga[r0:r1], gb, g, N,
-                                      part, PRIMARY=primary, **kw)
-                torch.mm(g, B, out=out[r0:r1])
+                ntile = grid[0] * grid[1]
+                gs = G[:(r1 - r0) * N].view(r1 - r0, N)
+                part_s, part_b = (c.partial(ntile), c.partial(ntile)) if primary else (d, d)
+                partL = torch.empty(ntile * cfg.BM * rp, dtype=c.acc, device=c.device) if tgt else d
+                K._gtile_kernel[grid](A, B, M, N, c.D, r0, r1, c.s, c.b, La, Lb, a, r, w, g, la, lb, ga, gb,
+                                      gs, N, part_s, part_b, partL, da, PRIMARY=primary, **kw)
+                torch.mm(gs, B, out=out[r0:r1])
+                if tgt:
+                    hl = partL.view(grid[0], grid[1], cfg.BM, rp).sum(1).reshape(grid[0] * cfg.BM, rp)
+                    outL[r0:r1] = hl[:r1 - r0, :r]
                 if primary:
-                    parts.append(part.sum())
-    return dU, dV, torch.stack(parts).sum(), glr.sum() + glc.sum()
+                    ps.append(part_s.sum())
+                    pb.append(part_b.sum())
+    return dU, dV, torch.stack(ps).sum(), torch.stack(pb).sum(), (da if tgt else None), dL, dR
 
 
 def _lse_double(c: _Ctx, lr, lc, glr, glc, Ub, Vb, sbar, bbar):
@@ -454,6 +473,8 @@ def _pair_backward(c: _Ctx, kind, target, w, g):
     """(dU, dV, ds, db, da, dLc, dR) of g·Σφ."""
     K = _kernels()
     cfg = c.cfg("bwd", pair=True)
+    if cfg.STRIP:
+        return _backward_strips(c, cfg, _KINDS[kind], target=target, w=w, g=g)
     tgt, a, lc, r_, r = _lowrank_parts(target, c)
     d = c.dummy()
     g = _scalar(g, c.acc, c.device)

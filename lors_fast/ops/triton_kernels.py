@@ -436,36 +436,59 @@ def _bwd_kernel(A, B, M, N, D, sc_ptr, bi_ptr, La, Lb, a_ptr, r, w_ptr,
             tl.store(da + offs_m, accd, mask=rmask & first)
 
 
-@triton.jit(do_not_specialize=["M", "N"])
-def _gtile_kernel(A, B, M, N, D, sc_ptr, bi_ptr, lse_a, lse_b, g_a, g_b, G, ldg, part,
-                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                  ACC: tl.constexpr, PRIMARY: tl.constexpr):
-    """Strip backward of the LSE primitive, grid (row tiles, column tiles): one (BM × BN) tile of s·G, where
-    G = ∂out/∂Z = ga_i·p_ij + gb_j·q_ij (p, q the row and column softmax of Z = s·X + b, X = A·Bᵀ, from the
-    forward's LSEs), for the M rows of A (a strip of rows) against all N rows of B, stored in G's dtype with row
-    stride ldg; PRIMARY: the tile's Σ G⊙X (its share of ∂s) in part[program]. A plain tiled GEMM with an
-    elementwise epilogue: the output GEMM (s·G)·B then runs as a library matmul
-    (triton_backend._lse_backward_strips), and the column strips (roles swapped) give (s·Gᵀ)·A."""
+@triton.jit(do_not_specialize=["M", "N", "r", "r0", "r1"])
+def _gtile_kernel(A, B, M, N, D, r0, r1, sc_ptr, bi_ptr, La, Lb, a_ptr, r, w_ptr, gout_ptr,
+                  lse_a, lse_b, g_a, g_b, G, ldg, part_s, part_b, partL, da,
+                  KIND: tl.constexpr, TGT: tl.constexpr, PRIMARY: tl.constexpr, BM: tl.constexpr,
+                  BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                  LR_PREC: tl.constexpr, ACC: tl.constexpr, LDT: tl.constexpr, LR16: tl.constexpr):
+    """Strip backward, grid (row tiles of the strip r0:r1 of A, column tiles of B): one (BM × BN) tile of s·G,
+    G = ∂out/∂Z, stored in G's dtype at rows (i − r0) with row stride ldg — a plain tiled GEMM with an
+    elementwise epilogue; the output GEMM (s·G)·B runs as a library matmul (triton_backend._backward_strips),
+    and the column strips (roles swapped) give (s·Gᵀ)·A. LSE: G = ga_i·p_ij + gb_j·q_ij (p, q the row and
+    column softmax, from the forward's LSEs). Pair kinds: G = g·φ_z(Z, S); with the low-rank target also
+    H = g·φ_S, whose H·Lb this tile contributes to partL[tile] (BM × RP, summed over column tiles in torch) and
+    whose diagonal goes to da (PRIMARY). PRIMARY: the tile's Σ G⊙X (∂s) and Σ G (∂b) in part_s / part_b."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m * BM + tl.arange(0, BM)
+    tile = pid_m * tl.num_programs(1) + pid_n
+    offs_m = r0 + pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
-    rmask = offs_m < M
+    rmask = offs_m < r1
     cmask = offs_n < N
-    s = tl.load(sc_ptr).to(ACC)
-    s2 = s * 1.4426950408889634
-    b2 = tl.load(bi_ptr).to(ACC) * 1.4426950408889634
-    lra = tl.load(lse_a + offs_m, mask=rmask, other=0.0).to(ACC) * 1.4426950408889634
-    ga = tl.load(g_a + offs_m, mask=rmask, other=0.0).to(ACC)
-    lrb = tl.load(lse_b + offs_n, mask=cmask, other=0.0).to(ACC) * 1.4426950408889634
-    gb = tl.load(g_b + offs_n, mask=cmask, other=0.0).to(ACC)
     valid = rmask[:, None] & cmask[None, :]
+    s = tl.load(sc_ptr).to(ACC)
+    b = tl.load(bi_ptr).to(ACC)
     x = _x_tile(A, B, offs_m, offs_n, M, N, D, BM, BN, BK, UPCAST, PREC, ACC)
-    z2 = tl.where(valid, x * s2 + b2, float("-inf"))  # padding: G = 0, no overflow from padded logits
-    g = ga[:, None] * tl.exp2(z2 - lra[:, None]) + gb[None, :] * tl.exp2(z2 - lrb[None, :])
-    tl.store(G + offs_m[:, None] * ldg + offs_n[None, :], (g * s).to(G.dtype.element_ty), mask=valid)
+    if KIND == 0:
+        lra = tl.load(lse_a + offs_m, mask=rmask, other=0.0).to(ACC) * 1.4426950408889634
+        ga = tl.load(g_a + offs_m, mask=rmask, other=0.0).to(ACC)
+        lrb = tl.load(lse_b + offs_n, mask=cmask, other=0.0).to(ACC) * 1.4426950408889634
+        gb = tl.load(g_b + offs_n, mask=cmask, other=0.0).to(ACC)
+        z2 = tl.where(valid, (x * s + b) * 1.4426950408889634, float("-inf"))  # padding: G = 0, no overflow
+        g = ga[:, None] * tl.exp2(z2 - lra[:, None]) + gb[None, :] * tl.exp2(z2 - lrb[None, :])
+    else:
+        rs = tl.arange(0, RP)
+        if TGT == 1:
+            la = _ld(La, offs_m, rs, M, r, r, True, ACC)
+        else:
+            la = tl.zeros((BM, RP), ACC)
+        S, lb = _s_tile(la, Lb, a_ptr, offs_m, offs_n, M, N, r, RP, TGT, LR_PREC, ACC, BM, BN, LR16, LDT)
+        f, f1, f2, f11, f12, f22 = _phi(x * s + b, S, tl.load(w_ptr).to(ACC), tl.load(w_ptr + 1).to(ACC), KIND)
+        gs = tl.load(gout_ptr).to(ACC)
+        g = tl.where(valid, gs * f1, 0.0)
+        if TGT == 1:
+            H = tl.where(valid, gs * f2, 0.0)
+            hl = _lrdot(H, lb, tl.zeros((BM, RP), ACC), LR16, LR_PREC, LDT)
+            tl.store(partL + (tile * BM + tl.arange(0, BM))[:, None] * RP + rs[None, :], hl)
+            if PRIMARY:  # each row's diagonal entry lies in exactly one column tile
+                dmask = rmask & (offs_m >= pid_n * BN) & (offs_m < pid_n * BN + BN)
+                tl.store(da + offs_m, tl.sum(tl.where(offs_m[:, None] == offs_n[None, :], H, 0.0), 1),
+                         mask=dmask)
+    tl.store(G + (offs_m - r0)[:, None] * ldg + offs_n[None, :], (g * s).to(G.dtype.element_ty), mask=valid)
     if PRIMARY:
-        tl.store(part + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(g * x, 1), 0))
+        tl.store(part_s + tile, tl.sum(tl.sum(g * x, 1), 0))
+        tl.store(part_b + tile, tl.sum(tl.sum(g, 1), 0))
 
 
 @triton.jit(do_not_specialize=["M", "N"])

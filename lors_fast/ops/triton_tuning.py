@@ -45,7 +45,7 @@ STAGES = {"bwd": ("infonce", False), "bwd_pair": ("wbce", True), "fwd_pair": ("w
 # the default before the sm_90a analysis of bench/RESULTS_AOT.md; WD = the resident-row-block layout of
 # triton_kernels; FLAT = the flattened column × d loop, on by default in fwd, fwd_pair and bwd, so toggled
 # right after the default; QFAST = the column softmax from the row one's exponentials, off by default in the
-# 16-bit bwd and dbl; STRIP = the LSE backward by strips of rows, see triton_backend._lse_backward_strips).
+# 16-bit bwd and dbl; STRIP = the backward by strips of rows, see triton_backend._backward_strips).
 # Each compiles for sm_90a, fits its shared memory and spills little
 # (bench/aot_check.py --candidates). Ordered by how much the stage weighs in a training step; a time budget
 # cuts the tail.
@@ -64,7 +64,9 @@ CANDIDATES: dict[str, list] = {
                  dict(FLAT=True),
                  dict(BM=64, BN=64, BK=64, BDO=512, num_warps=8, num_stages=2),  # old
                  dict(BM=64, BN=16, BK=64, BDO=512, num_warps=8, num_stages=2),
-                 dict(BM=64, BN=16, num_warps=8, num_stages=3, WD=True)],
+                 dict(BM=64, BN=16, num_warps=8, num_stages=3, WD=True),
+                 dict(STRIP=1024, BM=128, BN=64, BK=64, num_warps=8, num_stages=4),  # by strips (spill-free tiles)
+                 dict(STRIP=1024, BM=64, BN=64, BK=64, num_warps=4, num_stages=4)],
     "fwd_pair": [None,
                  dict(FLAT=False),
                  dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=4),  # old
