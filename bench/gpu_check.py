@@ -467,17 +467,14 @@ def time_row(provider, kind, lowrank, N, d, dtype, until, double=False):
     N, d = _sz(N, 64), _sz(d, 32)
     r = 10 if lowrank else 0
     img, txt, scale, tgt, bias, leaves = _problem(N, d, dtype, kind, lowrank)
-    strip = None
+    overrides = {}
     if provider in ("triton", "triton-strip"):
         fn_loss, backend = lors_fast.contrastive_loss, "triton"
-        if provider == "triton-strip":  # the backward by strips, whatever the sweep chose
-            from lors_fast.ops import triton_backend as tb
+        if provider == "triton-strip":  # the backward by strips (the first STRIP candidates), whatever the sweep chose
+            from lors_fast.ops.triton_tuning import CANDIDATES
 
             dn = str(dtype).replace("torch.", "")
-            strip = {k: tb.CONFIG_OVERRIDE.get(k) for k in (("bwd", dn), ("bwd_pair", dn))}
-            tb.CONFIG_OVERRIDE[("bwd", dn)] = dict(STRIP=1024, BM=128, BN=128, BK=64, num_warps=8, num_stages=4)
-            tb.CONFIG_OVERRIDE[("bwd_pair", dn)] = dict(STRIP=1024, BM=128, BN=64, BK=64, num_warps=8,
-                                                        num_stages=4)
+            overrides = {(st, dn): next(c for c in CANDIDATES[st] if c and c.get("STRIP")) for st in ("bwd", "bwd_pair")}
     elif provider == "eager":
         fn_loss, backend = lors_fast.contrastive_loss, "reference"
     elif provider == "streaming":  # our chunked torch path (cuBLAS GEMMs on row chunks), O(chunk·N) memory
@@ -512,6 +509,10 @@ def time_row(provider, kind, lowrank, N, d, dtype, until, double=False):
             gs = torch.autograd.grad(loss, leaves, create_graph=True)
             f2 = sum((c * x).sum() for c, x in zip(cots, gs))
             return torch.autograd.grad(f2, leaves, allow_unused=True)
+    from lors_fast.ops import triton_backend as tb
+
+    saved = {k: tb.CONFIG_OVERRIDE.get(k) for k in overrides}
+    tb.CONFIG_OVERRIDE.update(overrides)
     try:
         t1 = time.time()
         fn()  # compile / warm up
@@ -521,14 +522,11 @@ def time_row(provider, kind, lowrank, N, d, dtype, until, double=False):
         ms = bench(fn, warmup=2, rep=40 if N <= 32768 else 20)
         mem = peak_mem(fn)
     finally:
-        if strip is not None:
-            from lors_fast.ops import triton_backend as tb
-
-            for k, v in strip.items():
-                if v is None:
-                    tb.CONFIG_OVERRIDE.pop(k, None)
-                else:
-                    tb.CONFIG_OVERRIDE[k] = v
+        for k, v in saved.items():
+            if v is None:
+                tb.CONFIG_OVERRIDE.pop(k, None)
+            else:
+                tb.CONFIG_OVERRIDE[k] = v
     row = dict(provider=provider, kind=kind, target="lowrank" if lowrank else "identity", N=N, d=d, r=r,
                dtype=str(dtype).replace("torch.", ""), mode="fwd+bwd+dbl" if double else "fwd+bwd",
                ms=ms[0], p20=ms[1], p80=ms[2], tflops=_flops(N, d, r) / ms[0] / 1e9, peak_mib=mem,
