@@ -2,7 +2,7 @@
 
 Generates a scaled-up Karpathy-format JPEG fixture (tests/fixtures/karpathy.py), then, side by side in
 one run, trains the same expert (same student, loss, optimizer and batch size) for ``--epochs`` epochs
-(a) through ``lors_fast.buffer.train_expert`` on the memmap cache (built once, build time reported),
+(a) through ``lors_fast.engine.buffer.train_expert`` on the memmap cache (built once, build time reported),
 (b) with a DataLoader that decodes and resizes every JPEG every epoch (the reference's data path),
 and also the pure data-path rate of each (batches produced, no training). Writes a markdown table to
 bench/RESULTS_CPU_buffer.md (or --results).
@@ -36,10 +36,10 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 from fixtures.karpathy import make_karpathy  # noqa: E402
 
 from lors_fast import contrastive_loss  # noqa: E402
-from lors_fast.buffer import BufferConfig, train_expert  # noqa: E402
-from lors_fast.data import JpegPairDataset, load_split  # noqa: E402
+from lors_fast.data.datasets import JpegPairDataset, load_split  # noqa: E402
+from lors_fast.data.text import caption_embeddings  # noqa: E402
+from lors_fast.engine.buffer import BufferConfig, train_expert  # noqa: E402
 from lors_fast.models import build_student, seeded  # noqa: E402
-from lors_fast.text import caption_embeddings  # noqa: E402
 
 
 def jpeg_epochs(cfg, spec, ds, emb, jpeg_ds, workers: int) -> float:
@@ -96,7 +96,7 @@ def quality(a) -> None:
     import json
     import statistics
 
-    from lors_fast.buffer import run
+    from lors_fast.engine.buffer import run
 
     work = Path(a.workdir or tempfile.mkdtemp(prefix="bench_quality_"))
     cache = a.cache_dir or str(work / "cache")
@@ -117,7 +117,7 @@ def quality(a) -> None:
     t0 = time.perf_counter()
     run(cfg)  # resumable: experts already in the store are skipped; their recorded times are used below
     t_wall = time.perf_counter() - t0
-    from lors_fast.trajectories import TrajectoryStore
+    from lors_fast.engine.trajectories import TrajectoryStore
 
     store = TrajectoryStore(cfg.out)
     infos = [store.read_extra(i)[1] for i in store.expert_ids]
@@ -131,7 +131,7 @@ def quality(a) -> None:
         train.img2txt[i][int(torch.randint(len(train.img2txt[i]), (1,), generator=g))]
         for i in sub_idx.tolist()
     ]
-    from lors_fast.data import PairDataset
+    from lors_fast.data.datasets import PairDataset
 
     sub = PairDataset(
         images=train.images[sub_idx].clone(),

@@ -4,7 +4,7 @@ Setup = the embedded default (ConvNet 3×64 on 32×32, Linear 384→1024 text he
 B = 30, low-rank S rank 10, soft-target InfoNCE), a store of 2 random-walk experts, random unit-norm
 caption embeddings (MiniLM itself is not needed to time the engine).
 
-* ``ours``: :class:`lors_fast.distill.Distiller` ``step()`` (TESLA, O(P) memory, model built once,
+* ``ours``: :class:`lors_fast.engine.distill.Distiller` ``step()`` (TESLA, O(P) memory, model built once,
   experts in memory); ``ours+ckpt``: the same with torch activation checkpointing; ``ours+chunk``:
   pass 2 with the image branch in micro-batches of 6 (``DistillConfig.chunk``).
 * ``reference``: the reference's structure (LORS_SPEC §1.2, §10): the student is rebuilt and the
@@ -46,10 +46,10 @@ def _rss_peak_mb() -> float:
 
 def setup(root: Path, K: int, *, n_pairs=100, mini_batch=30, device="cpu", checkpoint="none", n_images=400):
     """Store + dataset + config of the embedded default at size K (no MiniLM: random caption embeddings)."""
-    from lors_fast.data import load_split
-    from lors_fast.distill_config import load_config
+    from lors_fast.data.datasets import load_split
+    from lors_fast.engine.distill_config import load_config
+    from lors_fast.engine.trajectories import TrajectoryStore
     from lors_fast.models import FlatModel, StudentSpec, build_student
-    from lors_fast.trajectories import TrajectoryStore
 
     ds = load_split("synthetic", "train", n_images=n_images)
     g = torch.Generator().manual_seed(0)
@@ -81,8 +81,8 @@ class ReferenceLoop:
         self.d = distiller
 
     def step(self) -> None:
+        from lors_fast.engine.tesla import Student, make_plan, reference_tesla_iteration
         from lors_fast.models import FlatModel, build_student
-        from lors_fast.tesla import Student, make_plan, reference_tesla_iteration
 
         d, cfg = self.d, self.d.cfg
         img, txt = build_student(d.spec)  # rebuilt every iteration
@@ -106,7 +106,7 @@ class ReferenceLoop:
 
 
 def worker(impl: str, K: int, iters: int, device: str) -> dict:
-    from lors_fast.distill import Distiller
+    from lors_fast.engine.distill import Distiller
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg, ds, emb = setup(Path(tmp), K, device=device, checkpoint="torch" if impl == "ours+ckpt" else "none")
@@ -136,7 +136,7 @@ def worker(impl: str, K: int, iters: int, device: str) -> dict:
 def timing(K: int, iters: int, impls: list[str], device: str) -> dict[str, dict]:
     """Interleaved timing in one process (robust on a shared machine): round r runs one iteration of every
     impl in turn; returns min and median seconds per iteration of each (round 0 is the warm-up)."""
-    from lors_fast.distill import Distiller
+    from lors_fast.engine.distill import Distiller
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg, ds, emb = setup(Path(tmp), K, device=device)
@@ -161,8 +161,8 @@ def timing(K: int, iters: int, impls: list[str], device: str) -> dict[str, dict]
 def parity(device: str, K: int = 8, backend: str = "auto") -> dict:
     """One TESLA iteration with the default loss backend vs backend="reference" on ``device`` (same state,
     same plan): max relative difference of every gradient (TF32-sized on CUDA, ~1e-6 on CPU)."""
-    from lors_fast.distill import Distiller
-    from lors_fast.tesla import make_plan, tesla_iteration
+    from lors_fast.engine.distill import Distiller
+    from lors_fast.engine.tesla import make_plan, tesla_iteration
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from lors_fast.metrics import retrieval_metrics
+from lors_fast.engine.metrics import retrieval_metrics
 
 
 def coco_like_index(n_img: int, n_txt: int) -> tuple[list[int], list[list[int]]]:
@@ -171,7 +171,7 @@ def main() -> None:
         body += lines
         ok &= identical
     if args.out:
-        from lors_fast.io import atomic_write
+        from lors_fast.data.io import atomic_write
 
         atomic_write(args.out, ("\n".join(head + body) + "\n").encode())
     if not ok:

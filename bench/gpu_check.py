@@ -46,20 +46,23 @@ import sys
 import time
 import traceback
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lors_fast.core.kinds import interpreting  # noqa: E402  (torch only: triton is not imported yet)
+
 T0 = time.time()
 BUDGET = float(os.environ.get("GPU_CHECK_BUDGET", "280"))
 # GPU_CHECK_DRYRUN=1: a CPU smoke run of the script's own code under the Triton interpreter (tiny sizes)
 DRY = os.environ.get("GPU_CHECK_DRYRUN", "0") == "1"
 if DRY:
     os.environ["TRITON_INTERPRET"] = "1"
-elif os.environ.get("TRITON_INTERPRET", "0") == "1":
+elif interpreting():
     print("TRITON_INTERPRET=1 is set: this script needs the real GPU compiler; unsetting it", flush=True)
     os.environ["TRITON_INTERPRET"] = "0"
 DEV = "cpu" if DRY else "cuda"
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+
+from lors_fast.core.reference import reference_lse, reference_pairsum  # noqa: E402
 
 OUT = os.environ.get("OUT") or os.path.dirname(os.path.abspath(__file__))
 RES: dict = {"meta": {}, "ceiling": {}, "correctness": [], "sweep": [], "timing": [], "double_backward": [],
@@ -153,28 +156,9 @@ def sec_ceiling(until):
 
 
 # ------------------------------------------------------------------------------------ correctness
-def oracle_lse(U, V, s, b):
-    Z = s * U @ V.T + (0.0 if b is None else b)
-    return torch.logsumexp(Z, 1), torch.logsumexp(Z, 0)
-
-
-def oracle_pairsum(kind, U, V, s, b, tgt, npos=None, nneg=None):
-    Z = s * U @ V.T + (0.0 if b is None else b)
-    if kind == "softplus":
-        return F.softplus(Z).sum()
-    S = torch.eye(U.shape[0], dtype=Z.dtype, device=Z.device) if tgt is None else \
-        torch.diag(tgt[1]) + tgt[2] @ tgt[3].T
-    S = S.to(Z.dtype)
-    if kind == "bce":
-        f = S * F.softplus(-Z).clamp_max(100) + (1 - S) * F.softplus(Z).clamp_max(100)
-    elif kind == "mse":
-        f = (torch.sigmoid(Z) - S) ** 2
-    else:
-        sg = torch.sigmoid(Z)
-        w = torch.where(S > 0.5, torch.full_like(S, 0.5 / (float(npos) + 1e-6)),
-                        torch.full_like(S, 0.5 / (float(nneg) + 1e-6)))
-        f = w * (-S * torch.log(sg + 1e-6) - (1 - S) * torch.log(1 - sg + 1e-6))
-    return f.sum()
+# the one oracle of the primitives (lors_fast.core.reference; φ from lors_fast.core.kinds)
+oracle_lse = reference_lse
+oracle_pairsum = reference_pairsum
 
 
 def _derivs(fn, xs, seed):
@@ -212,7 +196,7 @@ MODES = {  # name: (dtype, triton fp32 precision, eager allow_tf32, floor)
 
 
 def correctness_case(prim_name, kind, tgt_kind, M, N, d, mode, bias=True, r=10, seed=0, scale=10.0):
-    from lors_fast.ops.triton_backend import TritonPrimitives
+    from lors_fast.ops import TritonPrimitives
 
     dtype, prec, eager_tf32, floor = MODES[mode]
     M, N, d = _sz(M), (_sz(N) if N == M else _sz(N, 45)), _sz(d, 48)
@@ -376,12 +360,13 @@ def sec_sweep(until):
     winner stays in CONFIG_OVERRIDE for the rest of the run, and the table is written to $OUT/tuned_configs.json
     (copy it to lors_fast/ops/tuned_configs.json to ship it). Then LOWRANK_16BIT and the fp32 d-chunk."""
     import lors_fast
+    from lors_fast.ops import TritonPrimitives
     from lors_fast.ops import triton_backend as tb
     from lors_fast.ops import triton_tuning as tt
 
     N, d = _sz(16384, 64), _sz(512, 32)
     _join_precompile(min(until - 60, el() + 45))  # compiles still running by then are left to the tuning
-    P = tb.TritonPrimitives()
+    P = TritonPrimitives()
     res = tt.tune(DEV, torch.bfloat16, d=d, n=N, budget_s=max(1.0, until - el() - 20), log=log)
     for e in res["entries"]:
         RES["sweep"] += [dict(stage=e["stage"], N=N, d=d, **t) for t in e["table"]]
@@ -460,7 +445,7 @@ _COMPILED = {}
 
 def time_row(provider, kind, lowrank, N, d, dtype, until, double=False):
     import lors_fast
-    from lors_fast.reference import reference_loss
+    from lors_fast.core.reference import reference_loss
 
     if el() > until:
         return None

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_metrics import make_inputs, reference_pipeline  # noqa: E402
 
-from lors_fast.metrics import retrieval_metrics  # noqa: E402
+from lors_fast.engine.metrics import retrieval_metrics  # noqa: E402
 
 SIZES = {"flickr": (1000, 5000), "coco": (5000, 25010)}
 

@@ -67,7 +67,7 @@ def _other_loss_fn(provider):
 
 def _loss_fn(provider, kind, lowrank):
     import lors_fast
-    from lors_fast.reference import reference_loss
+    from lors_fast.core.reference import reference_loss
 
     if provider in OTHERS:
         return _other_loss_fn(provider)

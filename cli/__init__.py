@@ -9,8 +9,7 @@ from __future__ import annotations
 import importlib
 
 import click
-
-from .env_cmd import env
+from lors_fast.cli.env_cmd import env
 
 # stage command modules, each exposing register(group)
 _STAGES = ("buffer_cmd", "distill_cmd", "eval_cmd", "tune_cmd")

@@ -7,8 +7,8 @@ import logging
 
 import click
 
-from lors_fast.buffer import PRESETS, BufferConfig
-from lors_fast.buffer import run as run_buffer
+from lors_fast.engine.buffer import PRESETS, BufferConfig
+from lors_fast.engine.buffer import run as run_buffer
 
 
 @click.command("buffer")
@@ -103,7 +103,7 @@ def buffer(preset, eval_split, **opts):
 )
 def import_buffer(src, out, spec_json, text_encoder, dataset):
     """Convert the reference's img_/txt_replay_buffer_<n>.pt files in SRC into a store at OUT."""
-    from lors_fast.trajectories import import_reference_buffers
+    from lors_fast.engine.trajectories import import_reference_buffers
 
     try:
         spec = json.loads(spec_json) if spec_json else {}

@@ -1,4 +1,4 @@
-"""`lors-fast distill`: parse options into a DistillConfig and call lors_fast.distill.run.
+"""`lors-fast distill`: parse options into a DistillConfig and call lors_fast.engine.distill.run.
 
 Every DistillConfig field is an option (``--syn-steps``, ``--lr-img``, ...). Precedence: preset < TOML
 ``--config`` file < options given on the command line (options left out do not override anything).
@@ -11,7 +11,7 @@ import typing
 
 import click
 
-from lors_fast.distill_config import (
+from lors_fast.engine.distill_config import (
     CHECKPOINTS,
     CLIP_GROUPS,
     DATASETS,
@@ -102,7 +102,7 @@ _MAIN_JOB_KEYS = ("out", "rank", "alpha", "n_pairs", "iterations", "seed", "cach
 
 
 def _main_job(given: dict, eval_runs: int, eval_epochs, baseline: bool, random_subset: bool, parallel: bool):
-    from lors_fast.pipeline import MainJobConfig, run_main_job
+    from lors_fast.engine.pipeline import MainJobConfig, run_main_job
 
     job = {k: given.pop(k) for k in _MAIN_JOB_KEYS if k in given}
     given.pop("dataset", None)
@@ -140,8 +140,8 @@ def distill(preset, config_file, eval_runs, eval_epochs, baseline, random_subset
     time), LoRS and the no-mining baseline, a random subset, evaluation of the three, and a results table
     (e.g. `lors-fast distill --rank 10`).
     """
-    from lors_fast.distill import DistillDivergedError, run
-    from lors_fast.distill_config import load_config
+    from lors_fast.engine.distill import DistillDivergedError, run
+    from lors_fast.engine.distill_config import load_config
 
     clip = _parse_clip(opts.pop("clip_grad"))
     given = {k: v for k, v in opts.items() if v is not None}

@@ -41,7 +41,8 @@ def env():
     import torch
 
     import lors_fast
-    from lors_fast.functional import resolve_backend, triton_available, triton_problem
+    from lors_fast.core.functional import resolve_backend, triton_available, triton_problem
+    from lors_fast.core.kinds import interpreting
 
     rows = [("lors-fast", lors_fast.__version__), ("python", platform.python_version()),
             ("platform", platform.platform()), ("torch", torch.__version__)]
@@ -55,7 +56,7 @@ def env():
     rows.append(("triton kernels", "available" if triton_available() else f"unavailable: {triton_problem()}"))
     if triton_available():
         rows.append(("triton configs", _tuned_summary(device)))
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreting():
         rows.append(("TRITON_INTERPRET", "on (kernels run on CPU in the interpreter)"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

@@ -1,7 +1,7 @@
 """`lors-fast eval` (train a fresh network on a distilled set, retrieval on test) and `lors-fast coreset`.
 
-Both commands only parse options into :class:`lors_fast.evaluate.EvalConfig` /
-:class:`lors_fast.coreset.CoresetConfig` and call the stage's ``run``.
+Both commands only parse options into :class:`lors_fast.engine.evaluate.EvalConfig` /
+:class:`lors_fast.engine.coreset.CoresetConfig` and call the stage's ``run``.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _protocol(f):
 
 
 def _eval_config(kw: dict, **extra):
-    from lors_fast.evaluate import EvalConfig
+    from lors_fast.engine.evaluate import EvalConfig
 
     return EvalConfig(
         epochs=kw["epochs"], batch_size=kw["batch_size"], momentum=kw["momentum"], weight_decay=kw["weight_decay"],
@@ -75,7 +75,7 @@ def _friendly(f):
 @_friendly
 def eval_command(ckpt, loss, lr_img, lr_txt, **kw):
     """Train fresh networks on a distilled set; report final-epoch and val-selected test retrieval (mean ± std)."""
-    from lors_fast.evaluate import run
+    from lors_fast.engine.evaluate import run
 
     cfg = _eval_config(kw, ckpt=ckpt, loss=loss, lr_img=lr_img, lr_txt=lr_txt)
     run(cfg, progress=click.echo)
@@ -94,7 +94,7 @@ def eval_command(ckpt, loss, lr_img, lr_txt, **kw):
 @_friendly
 def coreset_command(method, n_pairs, subset_seed, lr, loss, buffer, **kw):
     """Evaluate a coreset baseline (N real pairs) with the same protocol as `eval`."""
-    from lors_fast.coreset import CoresetConfig, run
+    from lors_fast.engine.coreset import CoresetConfig, run
 
     ecfg = _eval_config({**kw, "dataset": None, "out": None}, loss=loss)
     cfg = CoresetConfig(method=method, n=n_pairs, seed=subset_seed, lr=lr, dataset=kw["dataset"] or "synthetic",

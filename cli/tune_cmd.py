@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import os
-
 import click
 
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -33,14 +31,15 @@ def tune_kernels(dtype, d, n, stages, budget, margin, jobs, out):
     Takes one to three minutes (compilation dominates; --jobs compiles the candidates in parallel first)."""
     import torch
 
+    from lors_fast.core.kinds import interpreting
     from lors_fast.ops import triton_tuning
 
     bad = [s for s in stages if s not in triton_tuning.STAGES]
     if bad:
         raise click.UsageError(f"unknown stages {bad}; expected some of {tuple(triton_tuning.STAGES)}")
-    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if torch.cuda.is_available() and not interpreting():
         device = "cuda"
-    elif os.environ.get("TRITON_INTERPRET", "0") == "1":
+    elif interpreting():
         device = "cpu"
     else:
         raise click.UsageError("tune-kernels needs a CUDA GPU (or TRITON_INTERPRET=1 for a CPU smoke run)")

@@ -18,7 +18,6 @@ must replay a forward exactly (TESLA's recomputation pass, LORS_SPEC §10) has t
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -27,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+
+from lors_fast.data.io import load_state_dict_file
 
 __all__ = [
     "StudentSpec",
@@ -37,7 +38,6 @@ __all__ = [
     "FlatModel",
     "encode",
     "seeded",
-    "load_state_dict_file",
 ]
 
 TEXT_HEADS = ("linear", "projection")
@@ -133,33 +133,6 @@ class ProjectionHead(nn.Module):
         p = self.projection(x)
         u = self.dropout(self.fc(F.gelu(p)))
         return self.layer_norm(u + p)
-
-
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a state dict from a local .safetensors / .pt / .pth / .bin file (torch.load weights_only).
-
-    Unwraps common containers ({"state_dict": ...}, {"model": ...}). Errors name the file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"image weights not found: {path} (weights are never downloaded; pass a local checkpoint "
-            "file, or image_weights=None for random init)"
-        )
-    if path.suffix == ".safetensors":
-        from .io import load_safetensors_checked
-
-        return load_safetensors_checked(path)[0]
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: cannot be loaded with torch.load(weights_only=True): {e}") from e
-    for key in ("state_dict", "model", "module"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: expected a state dict (name -> tensor), got {type(obj).__name__}")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
 def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], path: str) -> None:

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lors_fast.buffer import BufferConfig, augment_batch, expert_seed, run
-from lors_fast.data import load_split
+from lors_fast.data.datasets import load_split
+from lors_fast.data.text import caption_embeddings
+from lors_fast.engine.buffer import BufferConfig, augment_batch, expert_seed, run
+from lors_fast.engine.trajectories import TrajectoryStore
 from lors_fast.models import FlatModel, build_student, seeded
-from lors_fast.text import caption_embeddings
-from lors_fast.trajectories import TrajectoryStore
 
 
 def _cfg(tmp_path, **kw):
@@ -109,7 +109,7 @@ def test_resume_skips_finished_experts(tmp_path):
 
 WORKER = """
 import json, sys
-from lors_fast.buffer import BufferConfig, run
+from lors_fast.engine.buffer import BufferConfig, run
 run(BufferConfig(**json.loads(sys.argv[1])))
 """
 
@@ -268,7 +268,7 @@ def test_buffer_on_karpathy_fixture_all_captions(tmp_path):
 
 
 def test_forgetting_counts_against_plain_loop():
-    from lors_fast.buffer import _count_forgetting
+    from lors_fast.engine.buffer import _count_forgetting
 
     g = torch.Generator().manual_seed(0)
     n = 10

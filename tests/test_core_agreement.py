@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import KINDS, TARGETS, LossCase, assert_close_verbose
 
-from lors_fast import streaming
+from lors_fast.core.streaming import pairsum
 
 CHUNK = 4  # rows per streaming chunk: N = 11 gives chunks of 4, 4, 3
 N = 11
@@ -135,9 +135,9 @@ _HVP_CASES = [(k, h) for k in KINDS for h in (("closed",) if k in ("infonce", "c
 @pytest.mark.parametrize(("kind", "hvp"), _HVP_CASES)
 def test_float64_double_backward(kind, hvp, target, monkeypatch):
     """``hvp``: pairsum's double backward in closed form (the default) or by autograd of the closed-form
-    first derivatives (lors_fast.streaming.CLOSED_FORM_HVP = False)."""
+    first derivatives (lors_fast.core.streaming.pairsum.CLOSED_FORM_HVP = False)."""
     if hvp == "autograd":
-        monkeypatch.setattr(streaming, "CLOSED_FORM_HVP", False)
+        monkeypatch.setattr(pairsum, "CLOSED_FORM_HVP", False)
     case = LossCase(kind, target, N, seed=4)
     w = _weights(case, 40)
     hs = _second_order_grad(case, "streaming", w)
@@ -151,7 +151,7 @@ def test_float64_double_backward(kind, hvp, target, monkeypatch):
 @pytest.mark.parametrize("kind", ["bce", "wbce", "mse", "siglip"])
 def test_float64_saturated_logits(kind, hvp, monkeypatch):
     """|Z| up to ~150: bce's −100 log clamp is active on some entries, σ saturates; first and second order."""
-    monkeypatch.setattr(streaming, "CLOSED_FORM_HVP", hvp == "closed")
+    monkeypatch.setattr(pairsum, "CLOSED_FORM_HVP", hvp == "closed")
     case = LossCase(kind, "lowrank", N, seed=5)
     with torch.no_grad():
         case.leaves["scale"].fill_(150.0)

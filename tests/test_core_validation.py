@@ -10,7 +10,7 @@ import torch
 from helpers import LossCase
 
 from lors_fast import FullSimilarity, LowRankSimilarity, LowRankTarget, contrastive_loss
-from lors_fast.streaming import StreamingPrimitives
+from lors_fast.core.streaming import StreamingPrimitives
 
 N, D = 6, 4
 
@@ -87,7 +87,7 @@ def test_triton_without_cuda_or_interpreter(monkeypatch):
 def test_float64_on_cuda_never_goes_to_the_kernels(monkeypatch):
     """fp64 is the exact mode: "auto" serves it with the chunked torch path on CUDA, and an explicit triton
     request says why not (decided from the device and dtype alone, so no GPU is needed to test it)."""
-    from lors_fast import functional
+    from lors_fast.core import functional
 
     monkeypatch.setattr(functional, "triton_available", lambda: True)
     cuda = torch.device("cuda")
@@ -224,7 +224,7 @@ def test_a_triton_too_old_for_the_kernels_is_named(monkeypatch):
     import triton
     import triton.language as tl
 
-    from lors_fast import functional
+    from lors_fast.core import functional
 
     class OldRange:  # the signature of triton 3.0-3.2
         def __init__(self, arg1, arg2=None, step=None, num_stages=None, loop_unroll_factor=None):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lors_fast.coreset import (
+from lors_fast.data.io import save_safetensors_atomic
+from lors_fast.engine.coreset import (
     CoresetConfig,
     forgetting_pairs,
     herding_pairs,
@@ -14,7 +15,6 @@ from lors_fast.coreset import (
     random_pairs,
     select_pairs,
 )
-from lors_fast.io import save_safetensors_atomic
 
 
 def index(n_img, caps=5, n_six=0):
@@ -158,10 +158,10 @@ def test_cli_coreset_wiring(tmp_path, monkeypatch):
     from click.testing import CliRunner
     from lors_fast.cli import main
 
-    import lors_fast.data as data
-    import lors_fast.evaluate as ev
-    import lors_fast.text as text
-    from lors_fast.evaluate import RetrievalSet
+    import lors_fast.data.datasets as data
+    import lors_fast.data.text as text
+    import lors_fast.engine.evaluate as ev
+    from lors_fast.engine.evaluate import RetrievalSet
 
     real_load = data.load_split
     monkeypatch.setattr(data, "load_split", lambda d, s, **kw: real_load("synthetic", s, n_images=30))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from fixtures.karpathy import make_karpathy
 
-from lors_fast.data import CLIP_MEAN, JpegPairDataset, decode_image, load_split, pre_caption
+from lors_fast.data.datasets import CLIP_MEAN, JpegPairDataset, decode_image, load_split, pre_caption
 
 
 def test_pre_caption_matches_reference_rules():

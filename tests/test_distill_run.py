@@ -16,8 +16,8 @@ import torch
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from lors_fast.distill import DistillDivergedError, Distiller, load_distilled, run  # noqa: E402
-from lors_fast.distill_config import PRESETS, DistillConfig, load_config  # noqa: E402
+from lors_fast.engine.distill import DistillDivergedError, Distiller, load_distilled, run  # noqa: E402
+from lors_fast.engine.distill_config import PRESETS, DistillConfig, load_config  # noqa: E402
 
 TEXT_DIM = 12
 
@@ -33,9 +33,9 @@ def _one_thread():
 
 def make_fixture(root: Path, n_experts: int = 2, epochs: int = 3):
     """A tiny synthetic dataset, random caption embeddings and a store of random-walk experts."""
-    from lors_fast.data import load_split
+    from lors_fast.data.datasets import load_split
+    from lors_fast.engine.trajectories import TrajectoryStore
     from lors_fast.models import FlatModel, StudentSpec, build_student
-    from lors_fast.trajectories import TrajectoryStore
 
     ds = load_split("synthetic", "train", image_size=8, n_images=40)
     g = torch.Generator().manual_seed(0)
@@ -114,7 +114,7 @@ import sys, torch
 sys.path.insert(0, {tests!r})
 from pathlib import Path
 from test_distill_run import make_fixture, tiny_cfg
-from lors_fast.distill import run
+from lors_fast.engine.distill import run
 root = Path({root!r})
 ds, emb, store = make_fixture(root)
 run(tiny_cfg(root, store, out=str(root / "killed"), iterations=400, ckpt_every=1, threads=1), dataset=ds, caption_emb=emb)
@@ -217,13 +217,13 @@ def test_cli_parses_into_config(tmp_path, monkeypatch):
     from click.testing import CliRunner
     from lors_fast.cli.distill_cmd import distill
 
-    import lors_fast.distill as distill_mod
+    import lors_fast.engine.distill as distill_mod
 
     seen = {}
 
     def fake_run(cfg):
         seen["cfg"] = cfg
-        from lors_fast.distill import DistilledSet, DistillResult
+        from lors_fast.engine.distill import DistilledSet, DistillResult
 
         ds = DistilledSet(torch.zeros(1, 3, 8, 8), torch.zeros(1, 4), None, 0.1, 0.1, {})
         return DistillResult(ds, [{"loss": 1.0}], tmp_path, tmp_path / "d.safetensors")

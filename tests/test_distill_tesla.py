@@ -15,8 +15,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from lors_fast import FullSimilarity, LowRankSimilarity, contrastive_loss  # noqa: E402
-from lors_fast.models import FlatModel, StudentSpec, build_student  # noqa: E402
-from lors_fast.tesla import (  # noqa: E402
+from lors_fast.engine.tesla import (  # noqa: E402
     SimSlicer,
     Student,
     make_plan,
@@ -24,6 +23,7 @@ from lors_fast.tesla import (  # noqa: E402
     reference_tesla_iteration,
     tesla_iteration,
 )
+from lors_fast.models import FlatModel, StudentSpec, build_student  # noqa: E402
 
 N, B, K, D_TXT = 10, 4, 5, 6
 

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from lors_fast.evaluate import (
+from lors_fast.core.targets import LowRankTarget
+from lors_fast.engine.evaluate import (
     METRIC_KEYS,
     EvalConfig,
     RetrievalSet,
@@ -18,7 +19,6 @@ from lors_fast.evaluate import (
     train_on_synset,
 )
 from lors_fast.models import StudentSpec
-from lors_fast.targets import LowRankTarget
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -185,7 +185,7 @@ def test_config_collects_all_errors():
 # ---------------------------------------------------------------- CLI (wiring, on stand-in data)
 @pytest.fixture
 def toy_splits(monkeypatch):
-    import lors_fast.evaluate as ev
+    import lors_fast.engine.evaluate as ev
 
     def fake(dataset, split, **kw):
         return RetrievalSet(*toy(12 if split == "val" else 15, 5, {"val": 1, "test": 2}[split]), name=split)

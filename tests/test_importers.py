@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from lors_fast.importers import load_any_distilled, load_reference_distilled
-from lors_fast.io import save_safetensors_atomic
-from lors_fast.targets import LowRankTarget
+from lors_fast.core.targets import LowRankTarget
+from lors_fast.data.importers import load_any_distilled, load_reference_distilled
+from lors_fast.data.io import save_safetensors_atomic
 
 N, R = 6, 2
 
@@ -120,7 +120,7 @@ def test_load_any(tmp_path):
 
 
 def test_load_ours_safetensors(tmp_path):
-    distill = pytest.importorskip("lors_fast.distill")
+    distill = pytest.importorskip("lors_fast.engine.distill")
     g = torch.Generator().manual_seed(0)
     t = {"image": torch.randn(N, 3, 8, 8, generator=g), "text": torch.randn(N, 16, generator=g),
          "lr_img": torch.tensor(0.03), "lr_txt": torch.tensor(0.05), "sim.diag": torch.ones(N),

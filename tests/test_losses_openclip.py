@@ -1,4 +1,4 @@
-"""Drop-in open_clip losses (lors_fast.losses) against open_clip 3.x's own ClipLoss / SigLipLoss.
+"""Drop-in open_clip losses (lors_fast.core.losses) against open_clip 3.x's own ClipLoss / SigLipLoss.
 
 open_clip's ``loss.py`` imports nothing but torch (horovod optionally), so it is loaded straight from the
 installed package file (importing the whole ``open_clip`` package costs 8–20 s). Distributed parity runs
@@ -10,7 +10,6 @@ open_clip's in the same processes.
 from __future__ import annotations
 
 import importlib.util
-import os
 import time
 from pathlib import Path
 
@@ -20,7 +19,8 @@ import torch.nn.functional as F
 from helpers import assert_close_verbose
 
 from lors_fast import LowRankTarget, contrastive_loss
-from lors_fast.losses import (
+from lors_fast.core.kinds import KINDS, interpreting
+from lors_fast.core.losses import (
     ClipLoss,
     ContrastiveLoss,
     SigLipLoss,
@@ -28,7 +28,7 @@ from lors_fast.losses import (
     clip_block_loss,
     siglip_negative_block,
 )
-from lors_fast.streaming import StreamingPrimitives
+from lors_fast.core.streaming import StreamingPrimitives
 
 F64 = torch.float64
 TOL = {torch.float64: (1e-12, 1e-10), torch.float32: (1e-5, 1e-4)}  # (atol, rtol)
@@ -179,14 +179,14 @@ def test_clip_block_equals_cross_entropy():
 
 def test_rectangular_blocks_triton_interpreted():
     """The Triton primitives on the rectangular blocks (interpreter on CPU, tiny sizes)."""
-    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    if not interpreting() and not torch.cuda.is_available():
         pytest.skip("needs TRITON_INTERPRET=1 or CUDA")
     pytest.importorskip("triton")
     try:
-        from lors_fast.ops.triton_backend import TritonPrimitives
+        from lors_fast.ops import TritonPrimitives
     except ImportError as e:
         pytest.skip(f"triton backend not importable: {e}")
-    dev = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+    dev = "cuda" if not interpreting() else "cpu"
     Ul, V_all, s, b = (t.to(dev) for t in _block_cases())
     for name, fn in (("clip_block", lambda p, U: clip_block_loss(p, U, V_all, 6, s, b)),
                      ("siglip_neg", lambda p, U: siglip_negative_block(p, U, V_all[:6], s, b))):
@@ -208,7 +208,7 @@ def test_contrastive_loss_module_equals_function():
     low = LowRankTarget(torch.rand(n, generator=g, dtype=F64), torch.randn(n, r, generator=g, dtype=F64),
                         0.1 * torch.randn(n, r, generator=g, dtype=F64), 0.5)
     dense = torch.rand(n, n, generator=g, dtype=F64)
-    for kind in ("infonce", "bce", "wbce", "cwcl", "kl", "mse", "siglip"):
+    for kind in KINDS:
         for tname, target in (("identity", None), ("lowrank", low), ("dense", dense)):
             got = ContrastiveLoss(kind, backend="streaming", kl_temperature=3.0)(U, V, 9.0, target, logit_bias=-0.5)
             want = contrastive_loss(U, V, 9.0, target, kind=kind, logit_bias=-0.5, backend="streaming",
@@ -345,7 +345,7 @@ def test_gpu_triton_matches_reference(dtype):
         got = loss_and_grads(cls(backend="auto"), Ul, V[:300], log_s, b, call)
         for tag, g, w in zip(("loss", "dU", "dV", "dlog_s", "dbias"), [got[0], *got[1]], [want[0], *want[1]]):
             assert_close_verbose(g, w, atol, rtol, f"[gpu {cls.__name__} {dtype}] {tag}")
-    from lors_fast.losses import block_primitives
+    from lors_fast.core.losses import block_primitives
 
     tri = block_primitives("auto", U.device, "infonce")
     assert type(tri).__name__ == "TritonPrimitives", f"auto on CUDA resolved to {type(tri).__name__}"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lors_fast.metrics import retrieval_metrics, retrieval_ranks
+from lors_fast.engine.metrics import retrieval_metrics, retrieval_ranks
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -107,7 +107,7 @@ def test_ranks_exact_below_cap(seg):
 @pytest.fixture(params=[1, 16, 60], ids=lambda s: f"nseg{s}")
 def seg(request, monkeypatch):
     """Many narrow candidate segments exercise the segment-boundary tie logic at test sizes."""
-    import lors_fast.metrics as m
+    import lors_fast.engine.metrics as m
 
     monkeypatch.setattr(m, "_NSEG", request.param)
     monkeypatch.setattr(m, "_MIN_WIDTH", 1)

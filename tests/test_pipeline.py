@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from lors_fast.cli import main
 
-from lors_fast.pipeline import MainJobConfig, format_table
+from lors_fast.engine.pipeline import MainJobConfig, format_table
 
 
 def _invoke(args):
@@ -103,7 +103,7 @@ def test_worker_error_stops_the_parallel_schedule(tmp_path):
     cancelled and the workers stopped), instead of hanging or being swallowed."""
     import time
 
-    from lors_fast.pipeline import run_main_job
+    from lors_fast.engine.pipeline import run_main_job
 
     cfg = MainJobConfig(out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), rank=2, n_pairs=8,
                         iterations=2, eval_runs=1, eval_epochs=2, n_train=64, text_encoder="hash:32",

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from lors_fast import synthetic
-from lors_fast.data import load_split
+from lors_fast.data import synthetic
+from lors_fast.data.datasets import load_split
 
 
 def test_deterministic_and_seed_dependent():

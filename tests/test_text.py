@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-import lors_fast.text as text
-from lors_fast.data import load_split
-from lors_fast.text import caption_embeddings, embed_texts, encoder_key, load_text_encoder
+import lors_fast.data.text as text
+from lors_fast.data.datasets import load_split
+from lors_fast.data.text import caption_embeddings, embed_texts, encoder_key, load_text_encoder
 
 
 @pytest.fixture(scope="module")

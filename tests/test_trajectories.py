@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from lors_fast.trajectories import SCHEMA, TrajectoryStore, import_reference_buffers
+from lors_fast.engine.trajectories import SCHEMA, TrajectoryStore, import_reference_buffers
 
 IMG = [{"name": "w", "shape": [2, 3]}, {"name": "b", "shape": [2]}]
 TXT = [{"name": "lin", "shape": [4]}]
@@ -129,7 +129,7 @@ def test_import_reference_errors(tmp_path):
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
-    from lors_fast.io import (
+    from lors_fast.data.io import (
         atomic_write,
         load_safetensors_checked,
         read_json_checked,

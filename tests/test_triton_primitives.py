@@ -11,13 +11,14 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-from lors_fast.ops.triton_backend import TritonPrimitives  # noqa: E402
+from lors_fast.core.kinds import interpreting  # noqa: E402
+from lors_fast.core.reference import reference_lse, reference_pairsum  # noqa: E402
+from lors_fast.ops import TritonPrimitives  # noqa: E402
 
-INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+INTERP = interpreting()
 if not INTERP and not torch.cuda.is_available():
     pytest.skip("TRITON_INTERPRET is off and there is no CUDA device", allow_module_level=True)
 DEV = "cpu" if INTERP else "cuda"
@@ -28,33 +29,15 @@ pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 
 
 # ------------------------------------------------------------------------------------------- oracle
-def oracle_lse(U, V, s, b):
-    Z = s * U @ V.T + (0.0 if b is None else b)
-    return torch.logsumexp(Z, 1), torch.logsumexp(Z, 0)
+# the one oracle of the primitives (lors_fast.core.reference; φ from lors_fast.core.kinds)
+oracle_lse = reference_lse
+oracle_pairsum = reference_pairsum
 
 
 def oracle_S(n, tgt, like):
     if tgt is None:
         return torch.eye(n, dtype=like.dtype, device=like.device)
     return torch.diag(tgt[1]) + tgt[2] @ tgt[3].T
-
-
-def oracle_pairsum(kind, U, V, s, b, tgt, npos=None, nneg=None):
-    Z = s * U @ V.T + (0.0 if b is None else b)
-    if kind == "softplus":
-        return F.softplus(Z).sum()
-    S = oracle_S(U.shape[0], tgt, Z)
-    if kind == "bce":
-        f = S * F.softplus(-Z).clamp_max(100) + (1 - S) * F.softplus(Z).clamp_max(100)
-    elif kind == "mse":
-        f = (torch.sigmoid(Z) - S) ** 2
-    else:
-        sg = torch.sigmoid(Z)
-        # (python-scalar branches of torch.where would give float32 weights: keep them in S's dtype)
-        w = torch.where(S > 0.5, torch.full_like(S, 0.5 / (float(npos) + 1e-6)),
-                        torch.full_like(S, 0.5 / (float(nneg) + 1e-6)))
-        f = w * (-S * torch.log(sg + 1e-6) - (1 - S) * torch.log(1 - sg + 1e-6))
-    return f.sum()
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -453,7 +436,7 @@ def test_cpu_without_interpreter_raises(monkeypatch):
 
 
 def test_dense_target_falls_back():
-    pytest.importorskip("lors_fast.streaming")
+    pytest.importorskip("lors_fast.core.streaming")
     U, V, s, b, tgt = make_inputs(12, 12, 8, 2, F64, seed=10)
     S = oracle_S(12, tgt, U)
     out = P_EXACT.pairsum("mse", U.to(DEV), V.to(DEV), s.to(DEV), b.to(DEV), ("dense", S.to(DEV)))
@@ -532,7 +515,7 @@ def test_torch_compile_fullgraph(kinds):
 
 def test_torch_compile_fullgraph_open_clip_dropins():
     # the open_clip drop-ins on the triton backend compile to one graph too (a CLIP trainer's usual setup)
-    from lors_fast.losses import ClipLoss, SigLipLoss
+    from lors_fast.core.losses import ClipLoss, SigLipLoss
 
     g = torch.Generator().manual_seed(16)
     U = torch.randn(16, 8, generator=g, dtype=F64).to(DEV).requires_grad_(True)

@@ -22,7 +22,7 @@ Tuned tables (``lors-fast tune-kernels``, :mod:`triton_tuning`) replace them per
 ``CONFIG_OVERRIDE`` replaces both (benchmarks, tests).
 
 Dense targets are not fused: they are delegated to the chunked torch backend
-(:class:`lors_fast.streaming.StreamingPrimitives`), which is O(N²) in memory anyway because of S itself.
+(:class:`lors_fast.core.streaming.StreamingPrimitives`), which is O(N²) in memory anyway because of S itself.
 
 Kernels run on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was first
 imported (tests). Triton itself is imported lazily, at the first call.
@@ -38,11 +38,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 
-__all__ = ["TritonPrimitives", "FP32_PRECISION", "LOWRANK_PRECISION", "LOWRANK_16BIT", "FWD_FUSED_COLUMNS",
+from lors_fast.core.kinds import interpreting
+
+__all__ = ["FP32_PRECISION", "LOWRANK_PRECISION", "LOWRANK_16BIT", "FWD_FUSED_COLUMNS",
            "DBL_FUSED_PRE", "CONFIG_OVERRIDE"]
 
 FP32_PRECISION = "tf32"
@@ -81,14 +82,14 @@ _K = None
 def _kernels():
     global _K
     if _K is None:
-        from . import triton_kernels
+        from lors_fast.ops import triton_kernels
 
         _K = triton_kernels
     return _K
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return interpreting()
 
 
 def _check_device(*ts):
@@ -204,9 +205,9 @@ def _config(stage: str, D: int, dtype: torch.dtype, device, cc: int | None = Non
 
 
 def _tuned(device, stage, dtype, dp):
-    from . import triton_tuning
+    from lors_fast.ops import tuned_tables
 
-    return triton_tuning.lookup(device, stage, dtype, dp)
+    return tuned_tables.lookup(device, stage, dtype, dp)
 
 
 def _acc_dtype(dtype):
@@ -548,5 +549,3 @@ def _count_pos(a, lc, r_, n: int):
                                ACC=ACC)
     return part.to(torch.float64).sum()
 
-
-from .triton_ops import TritonPrimitives  # noqa: E402  (the public face: custom ops over these launchers)

@@ -29,17 +29,17 @@ host sync and no recompile when they change).
 This module imports triton: import it lazily (lors_fast.ops.triton_backend does).
 """
 
-import os
-
 import triton
 import triton.language as tl
+
+from lors_fast.core.kinds import interpreting
 
 try:  # NVIDIA's libdevice wrappers (fast_logf); absent builds fall back to tl.log
     from triton.language.extra.cuda import libdevice as _libdevice
 except ImportError:  # pragma: no cover - non-CUDA triton builds
     _libdevice = None
 # like @triton.jit itself, decided when this module is first imported
-_FAST_LOG = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1" and _libdevice is not None)
+_FAST_LOG = tl.constexpr(not interpreting() and _libdevice is not None)
 
 KIND_LSE = 0
 KIND_BCE = 1

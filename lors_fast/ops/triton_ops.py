@@ -25,7 +25,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import triton_backend as tb
+from lors_fast.core.kinds import PAIR_PHIS, pair_kind_error
+from lors_fast.ops import triton_backend as tb
 
 __all__ = ["TritonPrimitives"]
 
@@ -266,8 +267,8 @@ class TritonPrimitives:
         return _lse_op(U, V, self._scalar_arg(scale, U), self._scalar_arg(bias, U), self._prec())
 
     def pairsum(self, kind, U, V, scale, bias, target, npos=None, nneg=None):
-        if kind not in ("bce", "wbce", "mse", "softplus"):
-            raise ValueError(f"pairsum kind must be bce, wbce, mse or softplus, got {kind!r}")
+        if kind not in PAIR_PHIS:
+            raise pair_kind_error(kind)
         if kind == "softplus":
             target = None
         if target is not None and target[0] == "dense":
@@ -304,6 +305,6 @@ class TritonPrimitives:
 @torch.compiler.disable
 def _dense_pairsum(kind, U, V, scale, bias, target, npos, nneg):
     """Dense targets are not fused: the chunked torch backend (O(N²) memory anyway, because of S itself)."""
-    from ..streaming import StreamingPrimitives
+    from lors_fast.core.streaming import StreamingPrimitives
 
     return StreamingPrimitives().pairsum(kind, U, V, scale, bias, target, npos=npos, nneg=nneg)

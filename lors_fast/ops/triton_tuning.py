@@ -1,5 +1,5 @@
 """Launch-config tuning of the fused kernels: time candidate configs per kernel stage on *this* GPU, keep the
-fastest, save them, and let the backend use them from then on.
+fastest, save them (:mod:`lors_fast.ops.tuned_tables`), and let the backend use them from then on.
 
 Where `triton_backend._config` gets a config (later wins):
 
@@ -19,21 +19,27 @@ defaults won.
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 import time
-from pathlib import Path
 
 import torch
 
+from lors_fast.ops.tuned_tables import (  # noqa: F401  (re-exported: the tuning's public face)
+    CONFIG_KEYS,
+    ENV,
+    PACKAGED,
+    VERSION,
+    _entry_key,
+    device_key,
+    load_table,
+    lookup,
+    reset_cache,
+    save,
+    user_table_path,
+)
+
 __all__ = ["CANDIDATES", "STAGES", "device_key", "lookup", "precompile", "reset_cache", "save", "tune",
            "user_table_path"]
-
-VERSION = 1
-PACKAGED = Path(__file__).with_name("tuned_configs.json")
-ENV = "LORS_FAST_TRITON_CONFIGS"
-CONFIG_KEYS = ("BM", "BN", "BK", "BDO", "num_warps", "num_stages", "WD", "FLAT", "QFAST", "STRIP")
 
 # The kernel stages of triton_backend._config and what each is timed on: (kind, low-rank target, what runs).
 # "fwd"/"fwd_pair": the forward alone; "bwd"/"bwd_pair": forward + backward; "dbl"/"dbl_pair": forward +
@@ -88,99 +94,12 @@ CANDIDATES: dict[str, list] = {
             dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=3)],  # the fastest of the first H200 sweep
 }
 
-_CACHE: dict = {}
-
-
-def user_table_path() -> Path:
-    return Path(os.environ.get(ENV) or Path.home() / ".cache" / "lors_fast" / "triton_configs.json")
-
-
-def device_key(device) -> str:
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_available():
-        return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
-    return device.type  # "cpu": the interpreter (tests); "cuda" without a GPU: configs for an offline build
-
-
-@functools.cache
-def _cuda_name(index: int) -> str:
-    return torch.cuda.get_device_name(index)
-
-
-def _entry_key(stage: str, dtype: torch.dtype, dp: int) -> str:
-    return f"{stage}|{str(dtype).replace('torch.', '')}|{dp}"
-
-
-def load_table(path) -> dict:
-    """A tuned-config table; {} when the file does not exist. A malformed file is a ValueError naming it."""
-    path = Path(path)
-    if not path.exists():
-        return {}
-    try:
-        table = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"tuned-config table {path} is not readable JSON ({e}); delete it or set {ENV}") from e
-    if not isinstance(table, dict) or table.get("version") != VERSION or not isinstance(table.get("devices"), dict):
-        raise ValueError(f"tuned-config table {path}: expected {{'version': {VERSION}, 'devices': {{...}}}}")
-    for dev, entries in table["devices"].items():
-        for key, e in entries.items():
-            cfg = e.get("config") if isinstance(e, dict) else None
-            if not isinstance(cfg, dict) or set(cfg) - set(CONFIG_KEYS):
-                raise ValueError(f"tuned-config table {path}: entry {dev!r} / {key!r} must hold a 'config' with keys "
-                                 f"among {CONFIG_KEYS}, got {e!r}")
-    return table
-
-
-def reset_cache():
-    """Forget the tables read so far (after writing one, or when $LORS_FAST_TRITON_CONFIGS changes)."""
-    _CACHE.clear()
-
-
-def _tables():
-    user = user_table_path()
-    key = str(user)
-    if key not in _CACHE:
-        _CACHE[key] = (load_table(PACKAGED), load_table(user))
-    return _CACHE[key]
-
-
-def lookup(device, stage: str, dtype: torch.dtype, dp: int) -> dict:
-    """The tuned config for (this device, stage, dtype, DP): the user table's, else the packaged one's, else {}.
-    Called at every kernel launch: the answer is cached with the tables (reset_cache clears both)."""
-    dev = device_key(device)
-    key = _entry_key(stage, dtype, dp)
-    memo = (str(user_table_path()), dev, key)
-    if memo not in _CACHE:
-        out: dict = {}
-        for table in _tables():
-            e = table.get("devices", {}).get(dev, {}).get(key)
-            if e is not None:
-                out = dict(e["config"])
-        _CACHE[memo] = out
-    return dict(_CACHE[memo])
-
-
-def save(results: dict, path=None) -> Path:
-    """Merge :func:`tune`'s results into the table at ``path`` (default: the user table), atomically."""
-    from ..io import atomic_write
-
-    path = Path(path) if path is not None else user_table_path()
-    table = load_table(path) or {"version": VERSION, "devices": {}}
-    for e in results["entries"]:
-        table["devices"].setdefault(results["device"], {})[e["key"]] = {
-            k: e[k] for k in ("config", "ms", "n", "triton", "date")}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, (json.dumps(table, indent=1, sort_keys=True) + "\n").encode())
-    reset_cache()
-    return path
-
-
 # ------------------------------------------------------------------------------------------- timing
 def problem(n, d, dtype, kind, lowrank, device, r=10, seed=0):
     """Benchmark inputs: unit-norm features (n × d, dtype), scale 1/0.07, a low-rank target of rank r (diag 1,
     factors 0.1·N(0, 1)) when ``lowrank``, a bias −10 for siglip; all leaves require grad. Returns
     (img, txt, scale, target, bias, leaves)."""
-    from ..targets import LowRankTarget
+    from lors_fast.core.targets import LowRankTarget
 
     g = torch.Generator(device=device).manual_seed(seed)
     img = torch.nn.functional.normalize(torch.randn(n, d, generator=g, device=device), dim=-1)
@@ -202,7 +121,7 @@ def problem(n, d, dtype, kind, lowrank, device, r=10, seed=0):
 
 def _workload(stage, n, d, dtype, device):
     """A closure running what `stage`'s config governs (see STAGES)."""
-    from ..functional import contrastive_loss
+    from lors_fast.core.functional import contrastive_loss
 
     kind, lowrank = STAGES[stage]
     if stage.startswith("dbl"):
@@ -230,7 +149,7 @@ def _warm(job):
     """One candidate's workload at a tiny size, in a worker process: it compiles the kernels (the same
     specialisations as at full size: M, N are not specialised, d is the same) into Triton's on-disk cache."""
     stage, cfg, dname, d, n, device = job
-    from . import triton_backend as tb
+    from lors_fast.ops import triton_backend as tb
 
     t0 = time.time()
     key = (stage, dname)
@@ -292,7 +211,7 @@ def tune(device="cuda", dtype=torch.bfloat16, d: int = 512, n: int = 16384, stag
     (timing noise must not move the defaults). Returns ``{"device", "entries": [{"stage", "key", "config", "ms",
     "table", ...}]}`` for :func:`save`; a candidate that fails (compile error, out of memory) is recorded and
     skipped."""
-    from . import triton_backend as tb
+    from lors_fast.ops import triton_backend as tb
 
     log = log or (lambda *a: None)
     device = torch.device(device)

@@ -1,4 +1,4 @@
-"""The LSE primitive of the streaming path (:mod:`lors_fast.streaming`).
+"""The LSE primitive of the streaming path (:mod:`lors_fast.core.streaming`).
 
 LSEr_i = log Σ_j e^{Z_ij}, LSEc_j = log Σ_i e^{Z_ij} of Z = s·U·Vᵀ + b, over row chunks:
 
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._stream_chunked import _add_grads
-from ._stream_tiles import _z_tile
+from lors_fast.core.streaming.chunked import _add_grads
+from lors_fast.core.streaming.tiles import _z_tile
 
 
 # ----------------------------------------------------------------------------------------------------

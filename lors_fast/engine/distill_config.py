@@ -23,6 +23,8 @@ import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from lors_fast.core.kinds import KINDS
+
 try:
     import tomllib
 except ImportError:  # Python 3.10
@@ -35,7 +37,7 @@ SIMILARITIES = ("lowrank", "full", "none")
 SIM_CONSTRAINTS = ("none", "nonneg")
 INITS = ("real", "noise")
 CLIP_GROUPS = ("images", "texts", "lrs", "sim")
-LOSS_KINDS = ("infonce", "bce", "wbce", "cwcl", "kl", "mse", "siglip")
+LOSS_KINDS = KINDS  # the student-loss choices: every kind
 LOSS_BACKENDS = ("auto", "reference", "streaming", "triton")
 CHECKPOINTS = ("none", "torch", "deepspeed")
 DATASETS = ("synthetic", "flickr", "coco")

@@ -25,11 +25,16 @@ from pathlib import Path
 
 import torch
 
-from .io import load_safetensors_checked, read_json_checked, save_safetensors_atomic, write_json_atomic
+from lors_fast.data.io import (
+    load_safetensors_checked,
+    read_json_checked,
+    save_safetensors_atomic,
+    write_json_atomic,
+)
 
 __all__ = ["SCHEMA", "TrajectoryStore", "import_reference_buffers"]
 
-SCHEMA = "lors_fast.trajectories/1"
+SCHEMA = "lors_fast.engine.trajectories/1"
 REQUIRED = ("spec", "encoder", "dataset", "epochs", "img_params", "txt_params")
 _EXPERT_RE = re.compile(r"^expert_(\d{4,})\.safetensors$")
 

@@ -12,7 +12,9 @@ Z = s·U·Vᵀ + b (rows: images, columns: texts), target S (identity when None)
 - bce: mean_ij[−S·max(log σ(Z), −100) − (1−S)·max(log σ(−Z), −100)] (torch BCELoss's clamp; logs computed
   stably, which is where we differ from BCELoss on an fp32 sigmoid that saturated to 0 or 1).
 - wbce: ℓ = −S log(σ(Z)+1e-6) − (1−S) log(1−σ(Z)+1e-6); pos = S > 0.5 (no gradient through the mask);
-  ½[Σ_pos ℓ/(n_pos+1e-6) + Σ_neg ℓ/(n_neg+1e-6)] (counts kept in float64).
+  ½[Σ_pos ℓ/(n_pos+1e-6) + Σ_neg ℓ/(n_neg+1e-6)] (the counts exact integers).
+
+The pair kinds evaluate φ of :mod:`lors_fast.core.kinds` (the one definition) on the full matrix.
 - kl: ½[KL(softmax(τS) ‖ softmax(Z)) over rows + the same over columns], each divided by N² (torch
   ``kl_div(reduction="mean")``); τ = 10 (the reference's hidden ``label * 10``, named ``kl_temperature``).
 - mse: mean (σ(Z) − S)².
@@ -26,12 +28,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .targets import LowRankTarget
+from lors_fast.core.kinds import EPS, KINDS, phi
+from lors_fast.core.targets import LowRankTarget
 
-__all__ = ["reference_loss", "KINDS", "EPS"]
-
-KINDS = ("infonce", "bce", "wbce", "cwcl", "kl", "mse", "siglip")
-EPS = 1e-6
+__all__ = ["reference_loss", "dense_target", "reference_lse", "reference_pairsum"]
 
 
 def dense_target(target, n: int, like: torch.Tensor) -> torch.Tensor:
@@ -64,18 +64,10 @@ def reference_loss(image_features, text_features, logit_scale, target=None, *, k
             col = col / (S.sum(0) + EPS)
         return -0.5 * (row.mean() + col.mean())
     if kind == "bce":
-        lp = torch.clamp(F.logsigmoid(Z), min=-100.0)
-        ln = torch.clamp(F.logsigmoid(-Z), min=-100.0)
-        return -(S * lp + (1 - S) * ln).mean()
+        return phi("bce", Z, S).mean()
     if kind == "wbce":
-        p = torch.sigmoid(Z)
-        ell = -S * torch.log(p + EPS) - (1 - S) * torch.log(1 - p + EPS)
-        pos = (S > 0.5).detach()
-        n_pos = pos.sum().to(torch.float64)
-        n_neg = (~pos).sum().to(torch.float64)
-        lpos = (ell * pos).sum() / (n_pos + EPS).to(ell.dtype)
-        lneg = (ell * ~pos).sum() / (n_neg + EPS).to(ell.dtype)
-        return 0.5 * (lpos + lneg)
+        n_pos = (S > 0.5).detach().sum().to(torch.float64)  # exact counts, no host read
+        return phi("wbce", Z, S, 0.5 / (n_pos + EPS), 0.5 / (Z.numel() - n_pos + EPS)).sum()
     if kind == "kl":
         qr = F.softmax(kl_temperature * S, dim=1)
         qc = F.softmax(kl_temperature * S, dim=0)
@@ -84,7 +76,32 @@ def reference_loss(image_features, text_features, logit_scale, target=None, *, k
         kc = (torch.xlogy(qc, qc) - qc * F.log_softmax(Z, dim=0)).sum() / Z.numel()
         return 0.5 * (kr + kc)
     if kind == "mse":
-        return ((torch.sigmoid(Z) - S) ** 2).mean()
+        return phi("mse", Z, S).mean()
     if kind == "siglip":
-        return (-F.logsigmoid(-Z) - S * Z).sum() / n
+        return (phi("softplus", Z, None) - S * Z).sum() / n
     raise ValueError(f"unknown loss kind {kind!r}; expected one of {KINDS}")
+
+
+# ------------------------------------------------------------------------------- primitive-level oracles
+def reference_lse(U, V, scale, bias=None):
+    """(row LSE, column LSE) of Z = s·U·Vᵀ + b, materialised: the oracle of the ``lse`` primitive."""
+    Z = scale * U @ V.T + (0.0 if bias is None else bias)
+    return torch.logsumexp(Z, 1), torch.logsumexp(Z, 0)
+
+
+def reference_pairsum(kind, U, V, scale, bias, target, npos=None, nneg=None):
+    """Σ_ij φ_kind(Z_ij, S_ij) materialised: the oracle of the ``pairsum`` primitive. ``target`` in the
+    primitives' form: None (identity) | ("lowrank", a, c·L, R) | ("dense", S); wbce's weights from the counts
+    ``npos`` / ``nneg`` (floats or 0-dim tensors)."""
+    Z = scale * U @ V.T + (0.0 if bias is None else bias)
+    if kind == "softplus":
+        return phi("softplus", Z, None).sum()
+    if target is None:
+        S = torch.eye(U.shape[0], V.shape[0], dtype=Z.dtype, device=Z.device)
+    elif target[0] == "lowrank":
+        S = torch.diag(target[1]) + target[2] @ target[3].T
+    else:
+        S = target[1]
+    S = S.to(Z.dtype)
+    w = (None, None) if kind != "wbce" else (0.5 / (npos + EPS), 0.5 / (nneg + EPS))
+    return phi(kind, Z, S, *w).sum()

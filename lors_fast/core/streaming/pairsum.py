@@ -1,4 +1,4 @@
-"""The pair-sum primitive of the streaming path (:mod:`lors_fast.streaming`).
+"""The pair-sum primitive of the streaming path (:mod:`lors_fast.core.streaming`).
 
 Σ_ij φ(Z_ij, S_ij), Z = s·U·Vᵀ + b, the target tile S[k, :] built per chunk (``_stream_tiles``):
 
@@ -8,7 +8,7 @@
   plus a recomputing one);
 - double backward: closed form (``_pair_hvp``, from φ_ZZ, φ_ZS, φ_SS per kind, ``_phi_second``): with
   T = ⟨G, Wg⟩ + ⟨H, Wh⟩, δZ = φ_ZZ·Wg + φ_ZS·Wh, δS = φ_ZS·Wg + φ_SS·Wh, then back through Z and S; or,
-  with ``lors_fast.streaming.CLOSED_FORM_HVP = False``, autograd of the closed-form first derivatives
+  with ``lors_fast.core.streaming.pairsum.CLOSED_FORM_HVP = False``, autograd of the closed-form first derivatives
   (``_pair_grad_terms``/``_phi_derivs``) over each recomputed chunk. Both are exact.
 """
 
@@ -19,8 +19,13 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._stream_chunked import _add_grads
-from ._stream_tiles import EPS, _phi_derivs, _phi_fast, _s_tile, _wbce_weights, _z_tile, softplus
+from lors_fast.core.kinds import EPS, pair_kind_error, softplus, wbce_weights
+from lors_fast.core.streaming.chunked import _add_grads
+from lors_fast.core.streaming.tiles import _phi_derivs, _phi_fast, _s_tile, _z_tile
+
+#: double backward: closed-form second derivatives (True) or autograd of _pair_grad_terms (False); a
+#: debugging / cross-checking switch read at each double backward (tests set it with monkeypatch)
+CLOSED_FORM_HVP = True
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -148,14 +153,14 @@ def _phi_second(kind, Z, S, wpos, wneg):
         H = torch.clamp(sn, max=100.0) - torch.clamp(sp, max=100.0)
         return G, H, d1 * (S * cn + (1 - S) * cp), -(1 - p) * cn - p * cp, 0.0
     if kind == "wbce":
-        W = _wbce_weights(S, wpos, wneg)
+        W = wbce_weights(S, wpos, wneg)
         d2 = d1 * (1 - 2 * p)
         ia, ib = 1 / (p + EPS), 1 / (1 - p + EPS)
         G = W * d1 * ((1 - S) * ib - S * ia)
         H = W * (torch.log(1 - p + EPS) - torch.log(p + EPS))
         fzz = W * (-S * (d2 - d1 * d1 * ia) * ia + (1 - S) * (d2 + d1 * d1 * ib) * ib)
         return G, H, fzz, -W * d1 * (ia + ib), 0.0
-    raise ValueError(f"unknown pairwise kind {kind!r}; expected bce, wbce, mse or softplus")
+    raise pair_kind_error(kind)
 
 
 def _pair_hvp(spec: _PairSpec, gout, inputs, cot, need, need_in):
@@ -298,8 +303,7 @@ class _PairSumGrad(torch.autograd.Function):
         acc = [torch.zeros_like(x) if w else None for x, w in zip(inputs, need_in)]
         if not any(need_in):
             return (None, None, None, d_go, *acc)
-        from . import streaming  # the switch is read on the public module, where users and tests set it
-        if streaming.CLOSED_FORM_HVP:
+        if CLOSED_FORM_HVP:
             with torch.no_grad():
                 return (None, None, None, d_go, *_pair_hvp(spec, gout, inputs, cot, need, need_in))
         row_pos = {0} | ({len(inputs) - 3, len(inputs) - 2} if spec.tkind == "lowrank" else set())

@@ -3,7 +3,7 @@
 A FRESH student (:func:`lors_fast.models.build_student`) is trained on the N pairs with SGD (momentum
 0.9, weight decay 5e-4, one lr per branch — the learned ones for a distilled set — multiplied by 0.1 at
 the midpoint), the learned similarity as soft target of the run's loss kind, then image→text and
-text→image retrieval is measured on the test split (:func:`lors_fast.metrics.retrieval_metrics`).
+text→image retrieval is measured on the test split (:func:`lors_fast.engine.metrics.retrieval_metrics`).
 
 Differences from the reference (LORS_SPEC §5.1, §10), on purpose:
 
@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .metrics import retrieval_metrics
-from .models import StudentSpec, build_student, seeded
-from .reference import KINDS
-from .targets import FullSimilarity, LowRankSimilarity, LowRankTarget
+from lors_fast.core.kinds import KINDS
+from lors_fast.core.targets import FullSimilarity, LowRankSimilarity, LowRankTarget
+from lors_fast.engine.metrics import retrieval_metrics
+from lors_fast.models import StudentSpec, build_student, seeded
 
 __all__ = ["EvalConfig", "RetrievalSet", "epoch_batches", "train_on_synset", "evaluate_synset", "evaluate_real_subset",
            "summarize", "load_retrieval_set", "run"]
@@ -267,7 +267,7 @@ def train_on_synset(spec: StudentSpec, images: torch.Tensor, texts: torch.Tensor
          {"params": list(txt_head.parameters()), "lr": float(lr_txt)}],
         lr=float(lr_img), momentum=cfg.momentum, weight_decay=cfg.weight_decay,
     )
-    from .functional import contrastive_loss
+    from lors_fast.core.functional import contrastive_loss
 
     scale = 1.0 / cfg.temperature
     gen = torch.Generator().manual_seed(seed)
@@ -379,8 +379,8 @@ def evaluate_real_subset(spec: StudentSpec, images: torch.Tensor, texts: torch.T
 def load_retrieval_set(dataset: str, split: str, *, text_encoder: str = "minilm", data_root=None, ann_root=None,
                        cache_dir=None) -> RetrievalSet:
     """A split of a dataset with its cached caption embeddings, as a :class:`RetrievalSet`."""
-    from .data import load_split
-    from .text import caption_embeddings
+    from lors_fast.data.datasets import load_split
+    from lors_fast.data.text import caption_embeddings
 
     ds = load_split(dataset, split, root=data_root, ann_root=ann_root, cache_dir=cache_dir)
     emb = caption_embeddings(ds, text_encoder, cache_dir=cache_dir)
@@ -403,7 +403,7 @@ def format_summary(summary: dict) -> str:
 
 def run(cfg: EvalConfig, progress=print) -> dict:
     """Evaluate ``cfg.ckpt`` (ours or the reference's) on ``cfg.dataset``; write ``cfg.out`` if set."""
-    from .importers import load_any_distilled
+    from lors_fast.data.importers import load_any_distilled
 
     if cfg.ckpt is None:
         raise ValueError("EvalConfig.ckpt is required by run(): a distilled .safetensors or distilled_*.pt file")
@@ -429,7 +429,7 @@ def run(cfg: EvalConfig, progress=print) -> dict:
     if progress is not None:
         progress(format_summary(res["summary"]))
     if cfg.out:
-        from .io import atomic_write
+        from lors_fast.data.io import atomic_write
 
         atomic_write(Path(cfg.out), json.dumps(res, indent=1, sort_keys=True).encode())
     return res

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .targets import FullSimilarity, LowRankSimilarity, LowRankTarget
+from lors_fast.core.targets import FullSimilarity, LowRankSimilarity, LowRankTarget
 
 __all__ = ["ImportedSet", "load_reference_distilled", "load_any_distilled", "reference_spec"]
 
@@ -138,7 +138,7 @@ def load_reference_distilled(path: str | os.PathLike, *, scale: float | None = N
 
 
 def load_any_distilled(path: str | os.PathLike) -> ImportedSet:
-    """Ours (``.safetensors``, via :func:`lors_fast.distill.load_distilled`) or the reference's (``.pt``/``.pth``)."""
+    """Ours (``.safetensors``, via :func:`lors_fast.data.distilled.load_distilled`) or the reference's (``.pt``/``.pth``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"distilled checkpoint not found: {path}")
@@ -147,7 +147,7 @@ def load_any_distilled(path: str | os.PathLike) -> ImportedSet:
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: unknown checkpoint type {path.suffix!r}; expected .safetensors (lors-fast) "
                          "or .pt (the reference's distilled_*.pt)")
-    from .distill import load_distilled
+    from lors_fast.data.distilled import load_distilled
 
     d = load_distilled(path)
     sim = d.similarity

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .targets import LowRankTarget
+from lors_fast.core.targets import LowRankTarget
 
 EPS = 1e-6
 

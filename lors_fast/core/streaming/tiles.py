@@ -1,12 +1,12 @@
-"""Tiles and the elementwise φ maths of the streaming path (:mod:`lors_fast.streaming`).
+"""Tiles and the elementwise φ maths of the streaming path (:mod:`lors_fast.core.streaming`).
 
 - Tiles: rows k0:k1 of Z = s·U·Vᵀ + b (``_z_tile``) and of the target S (``_s_tile``), S built per chunk
   from the factors (a, c·L, R) as diag(a) + (c·L)·Rᵀ, read from a dense S, or the identity.
 - φ(Z, S) per pairwise kind (bce, wbce, mse, softplus; DESIGN.md): its definition in plain differentiable
-  torch ops (``_phi``), its closed-form first derivatives G = ∂φ/∂Z, H = ∂φ/∂S in differentiable ops
+  torch ops (:func:`lors_fast.core.kinds.phi`), its closed-form first derivatives G = ∂φ/∂Z, H = ∂φ/∂S in differentiable ops
   (``_phi_derivs``, whose autograd gives exact second derivatives), and a no-grad, in-place, few-pass
   evaluation of (Σφ, G, H) of one tile (``_phi_fast``). wbce's weights are ½/(n_pos+ε) where S > 0.5 and
-  ½/(n_neg+ε) elsewhere (``_wbce_weights``).
+  ½/(n_neg+ε) elsewhere (:func:`lors_fast.core.kinds.wbce_weights`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-EPS = 1e-6
+from lors_fast.core.kinds import EPS, LOG_CLAMP, pair_kind_error, softplus, wbce_weights
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -50,31 +50,6 @@ def _target_parts(target):
     return "dense", (target[1],), ()
 
 
-def softplus(x):
-    """log(1 + eˣ) without torch's linear cut-off above 20 (exact to the last bit in float64 too)."""
-    return -F.logsigmoid(-x)
-
-
-def _phi(kind, Z, S, wpos=None, wneg=None):
-    """φ(Z, S) elementwise, in plain differentiable torch ops (the definition; DESIGN.md)."""
-    if kind == "bce":
-        return S * torch.clamp(softplus(-Z), max=100.0) + (1 - S) * torch.clamp(softplus(Z), max=100.0)
-    if kind == "wbce":
-        p = torch.sigmoid(Z)
-        ell = -S * torch.log(p + EPS) - (1 - S) * torch.log(1 - p + EPS)
-        return _wbce_weights(S, wpos, wneg) * ell
-    if kind == "mse":
-        return (torch.sigmoid(Z) - S) ** 2
-    if kind == "softplus":
-        return softplus(Z)
-    raise ValueError(f"unknown pairwise kind {kind!r}; expected bce, wbce, mse or softplus")
-
-
-def _wbce_weights(S, wpos, wneg):
-    """½/(n_pos+ε) where S > 0.5, ½/(n_neg+ε) elsewhere (no gradient through the mask)."""
-    return torch.where((S > 0.5).detach(), S.new_tensor(wpos), S.new_tensor(wneg))
-
-
 def _phi_derivs(kind, Z, S, wpos=None, wneg=None):
     """(G, H) = (∂φ/∂Z, ∂φ/∂S) in closed form, written in differentiable torch ops (H is None for softplus).
 
@@ -82,10 +57,10 @@ def _phi_derivs(kind, Z, S, wpos=None, wneg=None):
     p = torch.sigmoid(Z)
     if kind == "bce":
         sp, sn = softplus(Z), softplus(-Z)  # torch's clamp(max=100) passes the gradient where x <= 100
-        G = S * (p - 1) * (sn <= 100).to(Z.dtype) + (1 - S) * p * (sp <= 100).to(Z.dtype)
-        return G, torch.clamp(sn, max=100.0) - torch.clamp(sp, max=100.0)
+        G = S * (p - 1) * (sn <= LOG_CLAMP).to(Z.dtype) + (1 - S) * p * (sp <= LOG_CLAMP).to(Z.dtype)
+        return G, torch.clamp(sn, max=LOG_CLAMP) - torch.clamp(sp, max=LOG_CLAMP)
     if kind == "wbce":
-        W = _wbce_weights(S, wpos, wneg)
+        W = wbce_weights(S, wpos, wneg)
         q = p * (1 - p)
         G = W * q * ((1 - S) / (1 - p + EPS) - S / (p + EPS))
         return G, W * (torch.log(1 - p + EPS) - torch.log(p + EPS))
@@ -94,7 +69,7 @@ def _phi_derivs(kind, Z, S, wpos=None, wneg=None):
         return 2 * e * p * (1 - p), -2 * e
     if kind == "softplus":
         return p, None
-    raise ValueError(f"unknown pairwise kind {kind!r}; expected bce, wbce, mse or softplus")
+    raise pair_kind_error(kind)
 
 
 def _phi_fast(kind, Z, S, wpos, wneg, need_g: bool, need_h: bool):
@@ -115,9 +90,9 @@ def _phi_fast(kind, Z, S, wpos, wneg, need_g: bool, need_h: bool):
         zmin, zmax = torch.aminmax(Z)
         clamped = bool(zmax > 90.0) or bool(zmin < -90.0)  # softplus(±Z) ≥ 100 needs |Z| > 100
         if clamped:
-            cn, cp = (lsp >= -100), (lsn >= -100)
-            lsp.clamp_(min=-100.0)
-            lsn.clamp_(min=-100.0)
+            cn, cp = (lsp >= -LOG_CLAMP), (lsn >= -LOG_CLAMP)
+            lsp.clamp_(min=-LOG_CLAMP)
+            lsn.clamp_(min=-LOG_CLAMP)
         Hb = lsn.sub_(lsp)  # H = min(sp(−Z),100) − min(sp(Z),100) = clamp(lsn) − clamp(lsp)
         # φ = S·(−lsp) + (1−S)·(−lsn) = −lsn_clamped + S·(lsn − lsp) → Σφ = −Σ(lsn) + ⟨S, H⟩
         total = -(Hb.sum() + lsp.sum()) + torch.dot(S.reshape(-1), Hb.reshape(-1))
@@ -155,4 +130,4 @@ def _phi_fast(kind, Z, S, wpos, wneg, need_g: bool, need_h: bool):
         if need_h:
             H = D.mul_(Wn)  # w·(log(1−σ+ε) − log(σ+ε))
         return total, G, -1.0, H, 1.0
-    raise ValueError(f"unknown pairwise kind {kind!r}; expected bce, wbce, mse or softplus")
+    raise pair_kind_error(kind)

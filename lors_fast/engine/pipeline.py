@@ -20,7 +20,7 @@ from pathlib import Path
 
 __all__ = ["MainJobConfig", "run_main_job", "format_table"]
 
-#: test metrics shown in the table: (label, key of lors_fast.metrics.retrieval_metrics)
+#: test metrics shown in the table: (label, key of lors_fast.engine.metrics.retrieval_metrics)
 COLUMNS = (("IR@1", "img_r1"), ("IR@5", "img_r5"), ("IR@10", "img_r10"),
            ("TR@1", "txt_r1"), ("TR@5", "txt_r5"), ("TR@10", "txt_r10"), ("r_mean", "r_mean"))
 
@@ -66,14 +66,14 @@ class MainJobConfig:
             raise ValueError("invalid main-job config: " + "; ".join(e))
 
 
-#: the evaluation protocol of the main job (EvalConfig overrides); see lors_fast.evaluate
+#: the evaluation protocol of the main job (EvalConfig overrides); see lors_fast.engine.evaluate
 EVAL_DEFAULTS = dict(epochs=80, batch_size=128, eval_every=10, loss="infonce", runs=3)
 #: fixed lr of the random-subset baseline (CALIBRATION.md: insensitive in 0.01-0.1 on this data)
 RANDOM_LR = 0.03
 
 
 def _cache(cfg: MainJobConfig) -> Path:
-    from .data import default_cache_dir
+    from lors_fast.data.datasets import default_cache_dir
 
     return Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
 
@@ -84,7 +84,7 @@ def _say(cfg, msg):
 
 def _buffer(cfg: MainJobConfig, say) -> tuple[str, dict]:
     """Train (or reuse) the expert buffer of the embedded default."""
-    from . import buffer as buffer_stage
+    from lors_fast.engine import buffer as buffer_stage
 
     name = "synthetic-default" if (cfg.n_train is None and cfg.text_encoder == "minilm" and not cfg.buffer) else \
         "synthetic-" + _digest({"n_train": cfg.n_train, "encoder": cfg.text_encoder, **cfg.buffer})
@@ -104,7 +104,7 @@ def _digest(d: dict) -> str:
 
 
 def _distill_cfg(cfg: MainJobConfig, buffer: str, name: str, similarity: str, threads: int | None):
-    from .distill_config import load_config
+    from lors_fast.engine.distill_config import load_config
 
     over = dict(buffer=buffer, out=str(Path(cfg.out) / name), similarity=similarity, n_pairs=cfg.n_pairs,
                 seed=cfg.seed, cache_dir=cfg.cache_dir, progress=cfg.progress and not cfg.parallel,
@@ -121,7 +121,7 @@ def _distill_cfg(cfg: MainJobConfig, buffer: str, name: str, similarity: str, th
 
 def _distill_one(dcfg):
     """Run one distillation (in this process or a worker); returns (checkpoint path, seconds)."""
-    from . import distill
+    from lors_fast.engine import distill
 
     t0 = time.perf_counter()
     res = distill.run(dcfg)
@@ -129,7 +129,7 @@ def _distill_one(dcfg):
 
 
 def _eval_cfg(cfg: MainJobConfig):
-    from .evaluate import EvalConfig
+    from lors_fast.engine.evaluate import EvalConfig
 
     kw = {**EVAL_DEFAULTS, "runs": cfg.eval_runs, "seed": cfg.seed}
     if cfg.eval_epochs is not None:
@@ -144,9 +144,9 @@ _EVAL_CONTEXT: dict = {}  # per process: (cache_dir, buffer) -> (spec, val, test
 def _eval_context(cache_dir, buffer: str):
     key = (cache_dir, buffer)
     if key not in _EVAL_CONTEXT:
-        from .evaluate import load_retrieval_set
-        from .models import StudentSpec
-        from .trajectories import TrajectoryStore
+        from lors_fast.engine.evaluate import load_retrieval_set
+        from lors_fast.engine.trajectories import TrajectoryStore
+        from lors_fast.models import StudentSpec
 
         store = TrajectoryStore(buffer)
         enc = store.meta.get("encoder", "minilm")
@@ -163,9 +163,9 @@ _RANDOM_SUBSET: dict = {}  # per process: the random real pairs (the same for ev
 def _random_subset(cfg: MainJobConfig, encoder: str, n_train):
     key = (cfg.cache_dir, encoder, n_train, cfg.n_pairs, cfg.seed)
     if key not in _RANDOM_SUBSET:
-        from .coreset import random_pairs
-        from .data import load_split
-        from .text import caption_embeddings
+        from lors_fast.data.datasets import load_split
+        from lors_fast.data.text import caption_embeddings
+        from lors_fast.engine.coreset import random_pairs
 
         train = load_split("synthetic", "train", cache_dir=cfg.cache_dir, n_images=n_train)
         emb = caption_embeddings(train, encoder, cache_dir=cfg.cache_dir)
@@ -177,10 +177,10 @@ def _random_subset(cfg: MainJobConfig, encoder: str, n_train):
 def _eval_one(cfg: MainJobConfig, buffer: str, ckpt: str | None, k: int, threads: int | None):
     """Evaluation run ``k`` (seed ``eval seed + k``) of one set: a distilled checkpoint, or the random real
     subset when ``ckpt`` is None. The same network, data order and numbers as run k of
-    :func:`lors_fast.evaluate.evaluate_synset`; returns (run dict, lr_img, lr_txt, seconds)."""
+    :func:`lors_fast.engine.evaluate.evaluate_synset`; returns (run dict, lr_img, lr_txt, seconds)."""
     import torch
 
-    from .evaluate import train_on_synset
+    from lors_fast.engine.evaluate import train_on_synset
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -191,7 +191,7 @@ def _eval_one(cfg: MainJobConfig, buffer: str, ckpt: str | None, k: int, threads
         images, texts = _random_subset(cfg, encoder, n_train)
         target, lr_img, lr_txt = None, RANDOM_LR, RANDOM_LR
     else:
-        from .distill import load_distilled
+        from lors_fast.data.distilled import load_distilled
 
         ds = load_distilled(ckpt)
         images, texts, target, lr_img, lr_txt = ds.images, ds.texts, ds.target(), ds.lr_img, ds.lr_txt
@@ -232,7 +232,7 @@ def _distill_and_evaluate(cfg: MainJobConfig, buffer: str, say) -> tuple[dict, d
     Returns (distilled: name -> (checkpoint, seconds), results: name -> evaluation dict, wall seconds)."""
     from concurrent.futures import FIRST_COMPLETED, wait
 
-    from .evaluate import summarize
+    from lors_fast.engine.evaluate import summarize
 
     runs = {"lors": "lowrank"}
     if cfg.baseline:
@@ -342,7 +342,7 @@ def format_table(results: dict, cfg: MainJobConfig, protocol: str = "val_selecte
 
 def run_main_job(cfg: MainJobConfig) -> dict:
     """The whole pipeline; returns the results dict that is also written to ``<out>/results.json``."""
-    from .io import atomic_write
+    from lors_fast.data.io import atomic_write
 
     def say(msg):
         _say(cfg, msg)

@@ -4,7 +4,7 @@ Each expert is a fresh student (:func:`lors_fast.models.build_student`) trained 
 (identity targets, T = 0.07 — the reference's expert loss) by SGD with two parameter groups (image
 encoder at ``lr_img``, text head at ``lr_txt``; reference defaults: 0.1 / 0.1, momentum 0, no weight
 decay, constant lr). Snapshot 0 is the initialisation, then one per epoch, written to a
-:class:`~lors_fast.trajectories.TrajectoryStore`.
+:class:`~lors_fast.engine.trajectories.TrajectoryStore`.
 
 Data per epoch (``captions``): "random" pairs every image with one random caption of its own (an epoch
 = n_img pairs; the embedded default), "all" uses every (caption, image) entry once (an epoch = n_cap
@@ -36,14 +36,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data import DATASETS, PairDataset, load_split
-from .io import save_safetensors_atomic
-from .models import FlatModel, StudentSpec, build_student, seeded
-from .trajectories import TrajectoryStore
+from lors_fast.data.datasets import DATASETS, PairDataset, load_split
+from lors_fast.data.io import save_safetensors_atomic
+from lors_fast.engine.trajectories import TrajectoryStore
+from lors_fast.models import FlatModel, StudentSpec, build_student, seeded
 
 __all__ = ["BufferConfig", "PRESETS", "run", "train_expert", "augment_batch", "expert_seed"]
 
-log = logging.getLogger("lors_fast.buffer")
+log = logging.getLogger("lors_fast.engine.buffer")
 
 AUGMENTS = ("none", "flip", "crop_flip")
 CAPTION_MODES = ("random", "all")
@@ -87,7 +87,7 @@ class BufferConfig:
     image_weights: str | None = None  # local checkpoint; None = random init
     convnet_width: int = 64
     convnet_depth: int = 3
-    text_encoder: str | None = "minilm"  # see lors_fast.text
+    text_encoder: str | None = "minilm"  # see lors_fast.data.text
     text_head: str = "linear"  # linear | projection
     head_dropout: float = 0.1
     experts: int = 4
@@ -174,7 +174,7 @@ class BufferConfig:
 
     def check_paths(self) -> None:
         """Raise FileNotFoundError naming every local input of this config that is absent."""
-        from .text import encoder_key
+        from lors_fast.data.text import encoder_key
 
         missing = []
         if self.dataset != "synthetic":
@@ -253,8 +253,8 @@ def _embed_images(model, ds: PairDataset, device, batch: int = 256) -> torch.Ten
 
 
 def evaluate_expert(img, txt, ds: PairDataset, emb: torch.Tensor, device) -> dict:
-    """Retrieval metrics (lors_fast.metrics) of a trained (image encoder, text head) on ``ds``."""
-    from .metrics import retrieval_metrics
+    """Retrieval metrics (lors_fast.engine.metrics) of a trained (image encoder, text head) on ``ds``."""
+    from lors_fast.engine.metrics import retrieval_metrics
 
     img.eval(), txt.eval()
     with torch.no_grad():
@@ -287,7 +287,7 @@ def train_expert(
     eval_emb: torch.Tensor | None = None,
 ) -> dict:
     """Train expert ``idx``; returns img/txt trajectories, forgetting counts, metrics and timings."""
-    from . import contrastive_loss
+    from lors_fast.core.functional import contrastive_loss
 
     device = torch.device(cfg.device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
@@ -426,7 +426,7 @@ def write_forgetting(store: TrajectoryStore) -> Path:
 
 def run(cfg: BufferConfig) -> dict:
     """Train the experts of ``cfg`` missing from the store ``cfg.out``; returns a summary dict."""
-    from .text import caption_embeddings
+    from lors_fast.data.text import caption_embeddings
 
     cfg.check_paths()  # fail at once, before any data or model work
     if cfg.image_arch != "convnet" and cfg.image_weights is None:

@@ -1,7 +1,7 @@
 """Coreset baselines: N real (image, caption) pairs chosen by random, herding, k-center or forgetting.
 
 Each method returns ``(image_idx (N,), caption_idx (N,))`` with N DISTINCT images (one caption each), and
-the pairs are evaluated by the same trainer as distilled sets (:func:`lors_fast.evaluate.evaluate_real_subset`:
+the pairs are evaluated by the same trainer as distilled sets (:func:`lors_fast.engine.evaluate.evaluate_real_subset`:
 identity targets, one fixed lr for both branches).
 
 Feature space of herding and k-center: the frozen caption embeddings (MiniLM by default, the same
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .evaluate import EvalConfig
+from lors_fast.engine.evaluate import EvalConfig
 
 __all__ = ["METHODS", "CoresetConfig", "select_pairs", "random_pairs", "herding_pairs", "kcenter_pairs",
            "forgetting_pairs", "load_forgetting_events", "run"]
@@ -123,7 +123,7 @@ def kcenter_pairs(features: torch.Tensor, txt2img, n: int) -> tuple[torch.Tensor
 
 def load_forgetting_events(store_root: str | Path) -> torch.Tensor:
     """``events`` (n_img,) from ``<store_root>/forgetting.safetensors`` (written by the buffer stage)."""
-    from .io import load_safetensors_checked
+    from lors_fast.data.io import load_safetensors_checked
 
     path = Path(store_root) / "forgetting.safetensors"
     if not path.is_file():
@@ -208,10 +208,10 @@ class CoresetConfig:
 
 def run(cfg: CoresetConfig, progress=print) -> dict:
     """Select the coreset on the train split, evaluate it (cfg.eval protocol), write cfg.out (JSON) if set."""
-    from .data import load_split
-    from .evaluate import evaluate_real_subset, format_summary, load_retrieval_set
-    from .models import StudentSpec
-    from .text import caption_embeddings
+    from lors_fast.data.datasets import load_split
+    from lors_fast.data.text import caption_embeddings
+    from lors_fast.engine.evaluate import evaluate_real_subset, format_summary, load_retrieval_set
+    from lors_fast.models import StudentSpec
 
     kw = dict(root=cfg.data_root, ann_root=cfg.ann_root, cache_dir=cfg.cache_dir)
     ds = load_split(cfg.dataset, "train", **kw)
@@ -221,7 +221,7 @@ def run(cfg: CoresetConfig, progress=print) -> dict:
                                     events=events, seed=cfg.seed)
     spec = StudentSpec(image_size=int(ds.images.shape[-1]), text_dim=int(emb.shape[1]))
     if cfg.buffer is not None and (Path(cfg.buffer) / "index.json").is_file():
-        from .trajectories import TrajectoryStore
+        from lors_fast.engine.trajectories import TrajectoryStore
 
         spec = StudentSpec.from_dict(TrajectoryStore(cfg.buffer).meta["spec"])
     rkw = dict(text_encoder=cfg.text_encoder, data_root=cfg.data_root, ann_root=cfg.ann_root, cache_dir=cfg.cache_dir)
@@ -234,7 +234,7 @@ def run(cfg: CoresetConfig, progress=print) -> dict:
     if progress is not None:
         progress(f"coreset {cfg.method} n={cfg.n} on {ds.name}:\n" + format_summary(res["summary"]))
     if cfg.out:
-        from .io import atomic_write
+        from lors_fast.data.io import atomic_write
 
         atomic_write(Path(cfg.out), json.dumps(res, indent=1, sort_keys=True).encode())
     return res

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .io import atomic_write, write_json_atomic
+from lors_fast.data.io import atomic_write, write_json_atomic
 
 __all__ = ["save_image_grid", "save_similarity_heatmap", "save_loss_curves", "nearest_captions",
            "write_artifacts"]

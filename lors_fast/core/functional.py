@@ -5,19 +5,18 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-import os
 
 import torch
 
-from .compose import compose_loss
-from .reference import KINDS, reference_loss
-from .streaming import StreamingPrimitives
-from .targets import LowRankTarget
+from lors_fast.core.compose import compose_loss
+from lors_fast.core.kinds import KINDS, TRITON_KINDS, interpreting
+from lors_fast.core.reference import reference_loss
+from lors_fast.core.streaming import StreamingPrimitives
+from lors_fast.core.targets import LowRankTarget
 
 __all__ = ["contrastive_loss", "BACKENDS", "resolve_backend", "triton_available", "triton_problem"]
 
 BACKENDS = ("auto", "reference", "streaming", "triton")
-TRITON_KINDS = ("infonce", "bce", "wbce", "cwcl", "mse", "siglip")
 
 
 def triton_available() -> bool:
@@ -39,10 +38,6 @@ def triton_problem() -> str | None:
     return None
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def resolve_backend(backend: str, device: torch.device, kind: str = "infonce",
                     dtype: torch.dtype | None = None) -> str:
     """The backend that will run: "auto" is triton on CUDA (for the kinds it fuses, in fp32/bf16/fp16),
@@ -57,7 +52,7 @@ def resolve_backend(backend: str, device: torch.device, kind: str = "infonce",
     if backend == "triton":
         if not triton_available():
             raise ValueError(f"backend='triton' cannot run: {triton_problem()}")
-        if device.type != "cuda" and not _interpreting():
+        if device.type != "cuda" and not interpreting():
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (got device {device}); set TRITON_INTERPRET=1 to run the "
                 "kernels on CPU in the interpreter, or use backend='streaming'")
@@ -160,7 +155,7 @@ def contrastive_loss(image_features, text_features, logit_scale, target=None, *,
         logit_scale: the multiplier (open_clip convention: already exponentiated), float or 0-dim tensor.
         target: None (identity: hard CLIP labels), a :class:`LowRankTarget`, or a dense (N, N) tensor.
         kind: one of "infonce", "bce", "wbce", "cwcl", "kl", "mse", "siglip" (reference semantics:
-            :mod:`lors_fast.reference`).
+            :mod:`lors_fast.core.reference`).
         logit_bias: optional additive bias, float or 0-dim tensor.
         backend: "auto" (triton on CUDA, streaming otherwise), "reference", "streaming" or "triton".
         kl_temperature: τ of the "kl" kind's target softmax(τ·S) (the reference's hidden factor 10).
@@ -178,7 +173,7 @@ def contrastive_loss(image_features, text_features, logit_scale, target=None, *,
     streaming = StreamingPrimitives(chunk_size)
     if which == "streaming":
         return compose_loss(streaming, U, V, scale, target, kind, bias, kl_temperature=kl_temperature)
-    from .ops.triton_backend import TritonPrimitives
+    from lors_fast.ops import TritonPrimitives
 
     return compose_loss(TritonPrimitives(), U, V, scale, target, kind, bias, kl_temperature=kl_temperature,
                         fallback=streaming)

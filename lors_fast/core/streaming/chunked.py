@@ -1,4 +1,4 @@
-"""The generic chunked-sum autograd machinery of the streaming path (:mod:`lors_fast.streaming`).
+"""The generic chunked-sum autograd machinery of the streaming path (:mod:`lors_fast.core.streaming`).
 
 :func:`chunked_sum` is the sum over row chunks k of a row-separable function fₖ of (row slices of some inputs,
 all of other inputs): Σₖ fₖ(X[k0:k1], Y). Row outputs are concatenated over the chunks, summed outputs added.

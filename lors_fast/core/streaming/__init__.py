@@ -16,7 +16,7 @@ Memory is O(chunk·N) at every order of differentiation. Three autograd building
 Both closed-form backwards are themselves differentiable: their double backward recomputes each chunk and
 lets autograd differentiate the closed-form first derivatives written in plain torch ops
 (``_lse_grad_terms``, ``_pair_grad_terms``/``_phi_derivs``), so second derivatives are exact; pairsum's
-double backward is by default closed-form as well (``CLOSED_FORM_HVP``). Tiles of Z and S and the
+double backward is by default closed-form as well (``pairsum.CLOSED_FORM_HVP``). Tiles of Z and S and the
 elementwise φ maths live in ``_stream_tiles``.
 
 The primitives (docs/DESIGN.md):
@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import torch
 
-from ._stream_chunked import chunked_sum
-from ._stream_lse import _Lse, _LseSpec, _online_lse
-from ._stream_pairsum import _PairSpec, _PairSum
-from ._stream_tiles import EPS, _s_tile, _target_parts, _z_tile, softplus
+from lors_fast.core.kinds import EPS, PAIR_PHIS, pair_kind_error, softplus
+from lors_fast.core.streaming.chunked import chunked_sum
+from lors_fast.core.streaming.lse import _Lse, _LseSpec, _online_lse
+from lors_fast.core.streaming.pairsum import _PairSpec, _PairSum
+from lors_fast.core.streaming.tiles import _s_tile, _target_parts, _z_tile
 
-__all__ = ["StreamingPrimitives", "default_chunk", "chunked_sum", "softplus", "DEFAULT_CHUNK_ELEMS", "EPS",
-           "CLOSED_FORM_HVP"]
+__all__ = ["StreamingPrimitives", "default_chunk", "chunked_sum", "softplus", "DEFAULT_CHUNK_ELEMS", "EPS"]
 
 #: default working-set size of one chunk (rows × N elements per N-wide temporary): 8 MiB in float32.
 #: Measured on 2 busy cores (bench/RESULTS_CPU_loss.md): 1M-element tiles were ~1.4× slower (more, smaller
@@ -48,10 +48,6 @@ DEFAULT_CHUNK_ELEMS = 1 << 21
 
 def default_chunk(n_cols: int) -> int:
     return max(8, DEFAULT_CHUNK_ELEMS // max(n_cols, 1))
-
-
-#: double backward of pairsum: closed-form second derivatives (True) or autograd of _pair_grad_terms (False)
-CLOSED_FORM_HVP = True
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -75,8 +71,8 @@ class StreamingPrimitives:
         return _Lse.apply(_LseSpec(m, n, self._chunk(n)), U, V, scale, bias)
 
     def pairsum(self, kind, U, V, scale, bias, target, npos=None, nneg=None):
-        if kind not in ("bce", "wbce", "mse", "softplus"):
-            raise ValueError(f"unknown pairwise kind {kind!r}; expected bce, wbce, mse or softplus")
+        if kind not in PAIR_PHIS:
+            raise pair_kind_error(kind)
         m, n = U.shape[0], V.shape[0]
         tkind, t_rows, t_shared = _target_parts(None if kind == "softplus" else target)
         wpos = wneg = None

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "load_state_dict_file",
     "atomic_write",
     "save_safetensors_atomic",
     "load_safetensors_checked",
@@ -118,3 +119,28 @@ def read_json_checked(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: malformed JSON ({e})") from e
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a state dict from a local .safetensors / .pt / .pth / .bin file (torch.load weights_only).
+
+    Unwraps common containers ({"state_dict": ...}, {"model": ...}). Errors name the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"image weights not found: {path} (weights are never downloaded; pass a local checkpoint "
+            "file, or image_weights=None for random init)"
+        )
+    if path.suffix == ".safetensors":
+        return load_safetensors_checked(path)[0]
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot be loaded with torch.load(weights_only=True): {e}") from e
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: expected a state dict (name -> tensor), got {type(obj).__name__}")
+    return {k.removeprefix("module."): v for k, v in obj.items()}

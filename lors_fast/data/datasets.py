@@ -2,7 +2,7 @@
 
 Sources (``load_split``):
 
-* ``"synthetic"`` — the embedded default (:mod:`lors_fast.synthetic`), rendered in memory.
+* ``"synthetic"`` — the embedded default (:mod:`lors_fast.data.synthetic`), rendered in memory.
 * ``"flickr"`` / ``"coco"`` — Karpathy-split JSONs as the reference uses them (LORS_SPEC §6): the train
   file has one entry per caption ``{"image", "caption", "image_id"}``; val/test files one entry per
   image ``{"image", "caption": [5 (or 6) strings]}``; image paths are relative to ``root``. Images are
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import atomic_write, read_json_checked
+from lors_fast.data.io import atomic_write, read_json_checked
 
 __all__ = [
     "PairDataset",
@@ -151,7 +151,7 @@ def _maps_from_groups(groups: list[list[str]]) -> tuple[list[str], torch.Tensor,
 
 
 def _synthetic(split: str, image_size: int | None, seed: int, n_images: int | None) -> PairDataset:
-    from . import synthetic
+    from lors_fast.data import synthetic
 
     size = 32 if image_size is None else int(image_size)
     s = synthetic.render_split(split, seed=seed, n_images=n_images, image_size=size)
@@ -302,7 +302,7 @@ def load_split(
 
     ``dataset``: "synthetic" | "flickr" | "coco"; ``split``: "train" | "val" | "test".
     ``image_size`` defaults to 32 (synthetic) / 224 (flickr, coco). ``seed`` and ``n_images`` apply to
-    "synthetic" only (defaults: seed 0, :data:`lors_fast.synthetic.SPLIT_SIZES`).
+    "synthetic" only (defaults: seed 0, :data:`lors_fast.data.synthetic.SPLIT_SIZES`).
     """
     errs = []
     if dataset not in DATASETS:

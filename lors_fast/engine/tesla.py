@@ -29,11 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import seeded
-
-# Our .backward(create_graph=True) calls break the parameter<->grad cycle themselves (grads are reset to
-# None right after use), so torch's generic warning about that cycle is noise here.
-warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True", category=UserWarning)
+from lors_fast.models import seeded
 
 __all__ = [
     "CHECKPOINT_BACKENDS",
@@ -136,7 +132,7 @@ class SimSlicer:
             return None
         if self.kind == "full":
             return parts[0]
-        from .targets import LowRankTarget
+        from lors_fast.core.targets import LowRankTarget
 
         return LowRankTarget(parts[0], parts[1], parts[2], self.sim.scale)
 
@@ -269,7 +265,7 @@ def tesla_iteration(student: Student, loss_fn: LossFn, images: torch.Tensor, tex
         with seeded(seed, device):
             f, h = student.features(ti, tt, xi, yi)
             loss = loss_fn(f, h, sim.target(sl))
-            loss.backward(create_graph=True, inputs=None if ds else [ti, tt])
+            _backward_create_graph(loss, None if ds else [ti, tt])
             gi, gt = ti.grad, tt.grad
             ti.grad = tt.grad = None
             for leaf in data:
@@ -290,6 +286,15 @@ def tesla_iteration(student: Student, loss_fn: LossFn, images: torch.Tensor, tex
     return IterationResult(acc_x, acc_y, acc_s, dlr_i.detach().reshape(()).to(lr_img.dtype),
                            dlr_t.detach().reshape(()).to(lr_txt.dtype), float(l_i), float(l_t),
                            sum(losses) / len(losses), drift)
+
+
+def _backward_create_graph(t: torch.Tensor, inputs) -> None:
+    """``t.backward(create_graph=True, inputs=inputs)`` without torch's warning about the parameter <-> grad
+    reference cycle: every caller here resets the grads to None right after use, which breaks that cycle.
+    The filter is scoped to this call (no process-wide warning state is changed)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True", category=UserWarning)
+        t.backward(create_graph=True, inputs=inputs)
 
 
 def _step2_chunked(student: Student, loss_fn: LossFn, sim: SimSlicer, th, c, w, x_all, y_all, idx, seed, chunk,
@@ -337,7 +342,7 @@ def _mixed_vjp(student, which, theta, data, u, wgt, c, w, acc, idx, ds):
     tl = theta.detach().requires_grad_()
     dl = data.detach().requires_grad_()
     out = student.branch(which, tl, dl)
-    torch.sum(out * u).backward(create_graph=True, inputs=None if ds else [tl])
+    _backward_create_graph(torch.sum(out * u), None if ds else [tl])
     g = tl.grad
     tl.grad = dl.grad = None
     (2.0 * w * torch.dot(c, g) + torch.sum(out * wgt)).backward(inputs=None if ds else [dl])

@@ -1,10 +1,10 @@
 """`lors-fast distill`: LoRS trajectory matching with low-rank similarity mining (LORS_SPEC §1–2).
 
-:func:`run` takes a :class:`~lors_fast.distill_config.DistillConfig` and returns a :class:`DistillResult`
+:func:`run` takes a :class:`~lors_fast.engine.distill_config.DistillConfig` and returns a :class:`DistillResult`
 (the final :class:`DistilledSet` and the per-iteration metrics). One iteration: pick the next expert
 (experts are cycled in a shuffled order, reshuffled when exhausted) and a start epoch, draw the K-step
 plan (minibatch indices + dropout seeds), compute the TESLA (or exact MTT) gradients of the matching
-loss (:mod:`lors_fast.tesla`), and take one SGD-with-momentum step on four groups (images, texts,
+loss (:mod:`lors_fast.engine.tesla`), and take one SGD-with-momentum step on four groups (images, texts,
 the two student lrs, the similarity factors), with optional per-group gradient-norm clipping and lr clamp.
 
 Differences from the reference, on purpose (LORS_SPEC §10): the student is built once; experts stay in
@@ -21,46 +21,25 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .distill_config import DistillConfig
-from .io import load_safetensors_checked, save_safetensors_atomic, write_json_atomic
-from .tesla import SimSlicer, Student, make_plan, mtt_iteration, tesla_iteration
+from lors_fast.data.distilled import SCHEMA, DistilledSet, _similarity_from, load_distilled
+from lors_fast.data.io import load_safetensors_checked, save_safetensors_atomic, write_json_atomic
+from lors_fast.engine.distill_config import DistillConfig
+from lors_fast.engine.tesla import SimSlicer, Student, make_plan, mtt_iteration, tesla_iteration
 
 __all__ = ["DistilledSet", "DistillResult", "DistillDivergedError", "Distiller", "load_distilled", "run",
            "SCHEMA"]
 
-SCHEMA = "lors_fast.distilled/1"
 _PIX_NOISE = ((-0.0626, -0.0221, 0.0680), (1.0451, 1.0752, 1.0539))  # reference --pix_init noise stats
 
 
 class DistillDivergedError(RuntimeError):
     """A loss or gradient became NaN/inf; the last good checkpoint is kept."""
-
-
-@dataclass
-class DistilledSet:
-    """A distilled set: images (n,3,H,W) normalised pixels, texts (n, D), similarity, learned lrs."""
-
-    images: torch.Tensor
-    texts: torch.Tensor
-    similarity: nn.Module | None  # None | LowRankSimilarity | FullSimilarity
-    lr_img: float
-    lr_txt: float
-    meta: dict = field(default_factory=dict)
-
-    def target(self):
-        """The full evaluation target: None (identity) | LowRankTarget | dense (n, n) tensor."""
-        if self.similarity is None:
-            return None
-        t = self.similarity.target()
-        if isinstance(t, torch.Tensor):
-            return t.detach()
-        return type(t)(t.diag.detach(), t.left.detach(), t.right.detach(), t.scale)
 
 
 @dataclass
@@ -71,46 +50,12 @@ class DistillResult:
     checkpoint: Path
 
 
-def _similarity_from(kind: str, n: int, rank: int, alpha: float, dtype, generator=None):
-    from .targets import FullSimilarity, LowRankSimilarity
-
-    if kind == "lowrank":
-        return LowRankSimilarity(n, rank, alpha, generator=generator, dtype=dtype)
-    if kind == "full":
-        return FullSimilarity(n, dtype=dtype)
-    return None
-
-
-def load_distilled(path: str | Path) -> DistilledSet:
-    """Load a distilled checkpoint (final or intermediate) written by :func:`run`."""
-    tensors, meta = load_safetensors_checked(path)
-    missing = [k for k in ("image", "text", "lr_img", "lr_txt") if k not in tensors]
-    if missing:
-        raise ValueError(f"{path}: not a distilled set, missing tensors {missing}")
-    if "lors_fast" not in meta:
-        raise ValueError(f"{path}: not a lors-fast distilled file (metadata key 'lors_fast' missing)")
-    info = json.loads(meta["lors_fast"])
-    if info.get("schema") != SCHEMA:
-        raise ValueError(f"{path}: schema {info.get('schema')!r} is not supported (expected {SCHEMA!r})")
-    n = tensors["image"].shape[0]
-    sim = _similarity_from(info["similarity"], n, info.get("rank", 1), info.get("alpha", 1.0), torch.float32)
-    if sim is not None:
-        with torch.no_grad():
-            for name, p in sim.named_parameters():
-                key = f"sim.{name}"
-                if key not in tensors:
-                    raise ValueError(f"{path}: missing tensor {key!r} for similarity {info['similarity']!r}")
-                p.data = tensors[key].clone()
-    return DistilledSet(tensors["image"], tensors["text"], sim, float(tensors["lr_img"]),
-                        float(tensors["lr_txt"]), info)
-
-
 class Distiller:
     """State and loop of one run (setup in ``__init__``, :meth:`step`, :meth:`save`, :meth:`run`)."""
 
     def __init__(self, cfg: DistillConfig, *, store=None, dataset=None, caption_emb=None):
-        from .models import FlatModel, StudentSpec, build_student
-        from .trajectories import TrajectoryStore
+        from lors_fast.engine.trajectories import TrajectoryStore
+        from lors_fast.models import FlatModel, StudentSpec, build_student
 
         self.cfg = cfg
         if cfg.threads:
@@ -134,7 +79,7 @@ class Distiller:
         if not self.text_encoder:
             raise ValueError(f"the store {cfg.buffer} names no text encoder: set text_encoder (--text-encoder)")
         if dataset is None:
-            from .data import load_split
+            from lors_fast.data.datasets import load_split
 
             extra = {}
             if cfg.dataset == "synthetic":
@@ -143,7 +88,7 @@ class Distiller:
                                  cache_dir=cfg.cache_dir, image_size=self.spec.image_size, **extra)
         self.ds = dataset
         if caption_emb is None:
-            from .text import caption_embeddings
+            from lors_fast.data.text import caption_embeddings
 
             caption_emb = caption_embeddings(dataset, self.text_encoder, cache_dir=cfg.cache_dir)
         self.caption_emb = caption_emb
@@ -246,7 +191,7 @@ class Distiller:
         return e, start_epoch
 
     def loss_fn(self, f, h, target):
-        from . import contrastive_loss
+        from lors_fast.core.functional import contrastive_loss
 
         return contrastive_loss(f, h, self.student.logit_scale, target, kind=self.cfg.loss,
                                 backend=self.cfg.loss_backend)
@@ -421,7 +366,7 @@ class Distiller:
         final = self.save(self.out / "distilled.safetensors")
         result = DistillResult(self.distilled(), history, self.out, final)
         if cfg.artifacts:
-            from .artifacts import write_artifacts
+            from lors_fast.engine.artifacts import write_artifacts
 
             write_artifacts(self, result)
         return result
@@ -438,7 +383,7 @@ class Distiller:
                 continue  # a line cut by a kill
             if m.get("iteration", 0) <= self.iteration:
                 keep.append(m)
-        from .io import atomic_write
+        from lors_fast.data.io import atomic_write
 
         atomic_write(path, "".join(json.dumps(m) + "\n" for m in keep).encode("utf-8"))
         return keep

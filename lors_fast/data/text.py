@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data import PairDataset, default_cache_dir
-from .io import load_safetensors_checked, save_safetensors_atomic
+from lors_fast.data.datasets import PairDataset, default_cache_dir
+from lors_fast.data.io import load_safetensors_checked, save_safetensors_atomic
 
 __all__ = ["caption_embeddings", "embed_texts", "encoder_key", "load_text_encoder"]
 
@@ -109,7 +109,7 @@ def _open_clip_embedder(model_name: str, ckpt: str, device: str) -> Embedder:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import open_clip
 
-    from .models import load_state_dict_file
+    from lors_fast.data.io import load_state_dict_file
 
     if model_name not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {model_name!r}")
