@@ -41,7 +41,8 @@ from lors_fast.data.io import save_safetensors_atomic
 from lors_fast.engine.trajectories import TrajectoryStore
 from lors_fast.models import FlatModel, StudentSpec, build_student, seeded
 
-__all__ = ["BufferConfig", "PRESETS", "run", "train_expert", "augment_batch", "expert_seed"]
+__all__ = ["BufferConfig", "BufferBuilder", "ExpertTrainer", "PRESETS", "run", "train_expert", "augment_batch",
+           "expert_seed"]
 
 log = logging.getLogger("lors_fast.engine.buffer")
 
@@ -277,90 +278,110 @@ def _count_forgetting(ii, correct, last, seen, events, presentations) -> None:
         last[i], seen[i] = c, True
 
 
-def train_expert(
-    idx: int,
-    cfg: BufferConfig,
-    spec: StudentSpec,
-    train: PairDataset,
-    train_emb: torch.Tensor,
-    eval_ds: PairDataset | None = None,
-    eval_emb: torch.Tensor | None = None,
-) -> dict:
+class ExpertTrainer:
+    """One expert: setup in ``__init__`` (student, optimiser, generators), :meth:`step` (one minibatch),
+    :meth:`epoch` (one pass + its snapshot), :meth:`result` and :meth:`run` (every epoch, then the result).
+
+    Expert ``idx`` draws its init, data order, augmentation and dropout from seeds derived from
+    (``cfg.seed``, idx) only, so it is the same whichever process trains it."""
+
+    def __init__(self, idx: int, cfg: BufferConfig, spec: StudentSpec, train: PairDataset,
+                 train_emb: torch.Tensor, eval_ds: PairDataset | None = None,
+                 eval_emb: torch.Tensor | None = None):
+        self.idx, self.cfg, self.train, self.train_emb = idx, cfg, train, train_emb
+        self.eval_ds, self.eval_emb = eval_ds, eval_emb
+        device = torch.device(cfg.device)
+        if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # torchrun: one GPU per rank
+        self.device = device
+        self.seed = s = expert_seed(cfg.seed, idx)
+        self.img, self.txt = build_student(spec, seed=s)
+        self.img.to(device), self.txt.to(device)
+        self.fi, self.ft = FlatModel(self.img), FlatModel(self.txt)
+        self.opt = torch.optim.SGD(
+            [{"params": self.img.parameters(), "lr": cfg.lr_img},
+             {"params": self.txt.parameters(), "lr": cfg.lr_txt}],
+            lr=cfg.lr_img, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.gen = torch.Generator().manual_seed(s + 1)
+        self.counts = torch.tensor([len(c) for c in train.img2txt])
+        self.padded = torch.zeros(train.n_images, int(self.counts.max()), dtype=torch.long)
+        for i, c in enumerate(train.img2txt):
+            self.padded[i, : len(c)] = torch.tensor(c)
+        n_pairs = train.n_images if cfg.captions == "random" else len(train.captions)
+        self.bs = min(cfg.batch_size, n_pairs)
+        self.n_batches = n_pairs // self.bs
+        n = train.n_images
+        self.last, self.seen = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+        self.events, self.presentations = torch.zeros(n), torch.zeros(n)
+        self.snaps_i, self.snaps_t = [self.fi.flat().cpu()], [self.ft.flat().cpu()]
+        self.loss: torch.Tensor | None = None
+        self.seconds = 0.0
+
+    def step(self, ii: torch.Tensor, cc: torch.Tensor) -> torch.Tensor:
+        """One SGD step on the pairs (images ``ii``, captions ``cc``); counts forgetting events."""
+        from lors_fast.core.functional import contrastive_loss
+
+        x = augment_batch(self.train.normalized(ii).to(self.device), self.cfg.augment, self.gen)
+        f = F.normalize(self.img(x), dim=-1)
+        h = F.normalize(self.txt(self.train_emb[cc].to(self.device)), dim=-1)
+        loss = contrastive_loss(f, h, 1.0 / self.cfg.temperature, None, kind="infonce")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        with torch.no_grad():
+            correct = ((f @ h.T).argmax(1) == torch.arange(len(ii), device=self.device)).cpu()
+        _count_forgetting(ii, correct, self.last, self.seen, self.events, self.presentations)
+        self.loss = loss
+        return loss
+
+    def epoch(self, epoch: int) -> None:
+        """One pass over the epoch's pairs (the last partial batch dropped), then its snapshot."""
+        from tqdm import tqdm
+
+        cfg, bs = self.cfg, self.bs
+        im_idx, cap_idx = _epoch_pairs(self.train, cfg.captions, self.gen, self.padded, self.counts)
+        bar = tqdm(range(self.n_batches), desc=f"expert {self.idx} epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not cfg.progress, leave=False)
+        for b in bar:
+            loss = self.step(im_idx[b * bs : (b + 1) * bs], cap_idx[b * bs : (b + 1) * bs])
+            if cfg.progress:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        if not torch.isfinite(self.loss):
+            raise FloatingPointError(
+                f"expert {self.idx}: loss became {self.loss.item()} in epoch {epoch + 1}; lower lr_img/lr_txt")
+        self.snaps_i.append(self.fi.flat().cpu())
+        self.snaps_t.append(self.ft.flat().cpu())
+
+    def result(self) -> dict:
+        """Trajectories, forgetting counts, metrics on the evaluation split and timings."""
+        metrics = {}
+        if self.eval_ds is not None:
+            metrics = evaluate_expert(self.img, self.txt, self.eval_ds, self.eval_emb, self.device)
+        cfg = self.cfg
+        return {
+            "img": torch.stack(self.snaps_i),
+            "txt": torch.stack(self.snaps_t),
+            "events": self.events,
+            "presentations": self.presentations,
+            "metrics": {k: float(v) for k, v in metrics.items()},
+            "seconds": self.seconds,
+            "images_per_s": cfg.epochs * self.n_batches * self.bs / max(self.seconds, 1e-9),
+            "loss": float(self.loss.detach()),
+        }
+
+    def run(self) -> dict:
+        t0 = time.perf_counter()
+        with seeded(self.seed + 2, self.device):  # dropout (projection head) draws from here: any process
+            for epoch in range(self.cfg.epochs):
+                self.epoch(epoch)
+        self.seconds = time.perf_counter() - t0
+        return self.result()
+
+
+def train_expert(idx: int, cfg: BufferConfig, spec: StudentSpec, train: PairDataset, train_emb: torch.Tensor,
+                 eval_ds: PairDataset | None = None, eval_emb: torch.Tensor | None = None) -> dict:
     """Train expert ``idx``; returns img/txt trajectories, forgetting counts, metrics and timings."""
-    from lors_fast.core.functional import contrastive_loss
-
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # torchrun: one GPU per rank
-    s = expert_seed(cfg.seed, idx)
-    img, txt = build_student(spec, seed=s)
-    img.to(device), txt.to(device)
-    fi, ft = FlatModel(img), FlatModel(txt)
-    opt = torch.optim.SGD(
-        [{"params": img.parameters(), "lr": cfg.lr_img}, {"params": txt.parameters(), "lr": cfg.lr_txt}],
-        lr=cfg.lr_img,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-    )
-    gen = torch.Generator().manual_seed(s + 1)
-    counts = torch.tensor([len(c) for c in train.img2txt])
-    padded = torch.zeros(train.n_images, int(counts.max()), dtype=torch.long)
-    for i, c in enumerate(train.img2txt):
-        padded[i, : len(c)] = torch.tensor(c)
-    n_pairs = train.n_images if cfg.captions == "random" else len(train.captions)
-    bs = min(cfg.batch_size, n_pairs)
-    n_batches = n_pairs // bs
-    last = torch.zeros(train.n_images, dtype=torch.bool)
-    seen = torch.zeros(train.n_images, dtype=torch.bool)
-    events = torch.zeros(train.n_images)
-    presentations = torch.zeros(train.n_images)
-    snaps_i, snaps_t = [fi.flat().cpu()], [ft.flat().cpu()]
-    scale = 1.0 / cfg.temperature
-    t0 = time.perf_counter()
-    from tqdm import tqdm
-
-    with seeded(s + 2, device):  # dropout (projection head) draws from here: the same in any process
-        for epoch in range(cfg.epochs):
-            im_idx, cap_idx = _epoch_pairs(train, cfg.captions, gen, padded, counts)
-            bar = tqdm(
-                range(n_batches),
-                desc=f"expert {idx} epoch {epoch + 1}/{cfg.epochs}",
-                disable=not cfg.progress,
-                leave=False,
-            )
-            for b in bar:
-                ii, cc = im_idx[b * bs : (b + 1) * bs], cap_idx[b * bs : (b + 1) * bs]
-                x = augment_batch(train.normalized(ii).to(device), cfg.augment, gen)
-                f = F.normalize(img(x), dim=-1)
-                h = F.normalize(txt(train_emb[cc].to(device)), dim=-1)
-                loss = contrastive_loss(f, h, scale, None, kind="infonce")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    correct = ((f @ h.T).argmax(1) == torch.arange(len(ii), device=device)).cpu()
-                _count_forgetting(ii, correct, last, seen, events, presentations)
-                if cfg.progress:
-                    bar.set_postfix(loss=f"{loss.item():.3f}")
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"expert {idx}: loss became {loss.item()} in epoch {epoch + 1}; lower lr_img/lr_txt"
-                )
-            snaps_i.append(fi.flat().cpu())
-            snaps_t.append(ft.flat().cpu())
-    seconds = time.perf_counter() - t0
-    metrics = evaluate_expert(img, txt, eval_ds, eval_emb, device) if eval_ds is not None else {}
-    metrics = {k: float(v) for k, v in metrics.items()}
-    return {
-        "img": torch.stack(snaps_i),
-        "txt": torch.stack(snaps_t),
-        "events": events,
-        "presentations": presentations,
-        "metrics": metrics,
-        "seconds": seconds,
-        "images_per_s": cfg.epochs * n_batches * bs / max(seconds, 1e-9),
-        "loss": float(loss.detach()),
-    }
+    return ExpertTrainer(idx, cfg, spec, train, train_emb, eval_ds, eval_emb).run()
 
 
 def _dist_setup():
@@ -424,102 +445,103 @@ def write_forgetting(store: TrajectoryStore) -> Path:
     )
 
 
-def run(cfg: BufferConfig) -> dict:
-    """Train the experts of ``cfg`` missing from the store ``cfg.out``; returns a summary dict."""
-    from lors_fast.data.text import caption_embeddings
+class BufferBuilder:
+    """The buffer stage: setup in ``__init__`` (process group, data, caption embeddings, store), :meth:`step`
+    (train one expert), :meth:`save` (write it to the store), :meth:`run` (this rank's missing experts, then
+    the store's index and forgetting statistics). Use as a context manager, or call :meth:`close`."""
 
-    cfg.check_paths()  # fail at once, before any data or model work
-    if cfg.image_arch != "convnet" and cfg.image_weights is None:
-        log.warning(
-            "image_arch %r starts from random init (no --image-weights); the paper used ImageNet weights",
-            cfg.image_arch,
-        )
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    rank, world, created = _dist_setup()
-    try:
-        kw = dict(
-            root=cfg.root,
-            ann_root=cfg.ann_root,
-            cache_dir=cfg.cache_dir,
-            image_size=cfg.image_size,
-            progress=cfg.progress and rank == 0,
-        )
+    def __init__(self, cfg: BufferConfig):
+        from lors_fast.data.text import caption_embeddings
+
+        cfg.check_paths()  # fail at once, before any data or model work
+        if cfg.image_arch != "convnet" and cfg.image_weights is None:
+            log.warning("image_arch %r starts from random init (no --image-weights); the paper used ImageNet "
+                        "weights", cfg.image_arch)
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        self.cfg = cfg
+        self.rank, self.world, self._created = _dist_setup()
+        try:
+            self._setup(caption_embeddings)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, caption_embeddings) -> None:
+        cfg, rank, world = self.cfg, self.rank, self.world
+        kw = dict(root=cfg.root, ann_root=cfg.ann_root, cache_dir=cfg.cache_dir, image_size=cfg.image_size,
+                  progress=cfg.progress and rank == 0)
         if cfg.dataset == "synthetic":
             kw.update(seed=cfg.data_seed)
-        train = load_split(cfg.dataset, "train", n_images=cfg.n_train, **kw)
-        eval_ds = load_split(cfg.dataset, cfg.eval_split, **kw) if cfg.eval_split else None
+        self.train = load_split(cfg.dataset, "train", n_images=cfg.n_train, **kw)
+        self.eval_ds = load_split(cfg.dataset, cfg.eval_split, **kw) if cfg.eval_split else None
+
+        def embed(progress):
+            train = caption_embeddings(self.train, cfg.text_encoder, cache_dir=cfg.cache_dir, progress=progress)
+            ev = caption_embeddings(self.eval_ds, cfg.text_encoder, cache_dir=cfg.cache_dir) if self.eval_ds else None
+            return train, ev
+
         if rank == 0:  # one process fills the text-embedding cache, the others then read it
-            train_emb = caption_embeddings(
-                train, cfg.text_encoder, cache_dir=cfg.cache_dir, progress=cfg.progress
-            )
-            eval_emb = (
-                caption_embeddings(eval_ds, cfg.text_encoder, cache_dir=cfg.cache_dir) if eval_ds else None
-            )
+            self.train_emb, self.eval_emb = embed(cfg.progress)
         _barrier(world)
         if rank != 0:
-            train_emb = caption_embeddings(train, cfg.text_encoder, cache_dir=cfg.cache_dir)
-            eval_emb = (
-                caption_embeddings(eval_ds, cfg.text_encoder, cache_dir=cfg.cache_dir) if eval_ds else None
-            )
-        spec = cfg.spec(text_dim=int(train_emb.shape[1]))
-        img0, txt0 = build_student(spec, seed=0)
-        meta = store_meta(cfg, spec, train, FlatModel(img0), FlatModel(txt0))
+            self.train_emb, self.eval_emb = embed(False)
+        self.spec = cfg.spec(text_dim=int(self.train_emb.shape[1]))
+        img0, txt0 = build_student(self.spec, seed=0)
+        meta = store_meta(cfg, self.spec, self.train, FlatModel(img0), FlatModel(txt0))
         if rank == 0:
             store = TrajectoryStore.create(cfg.out, meta)
             if not cfg.resume and store.expert_ids:
                 raise ValueError(
-                    f"{cfg.out} already holds experts {store.expert_ids}; pass resume=True (--resume) or another --out"
-                )
+                    f"{cfg.out} already holds experts {store.expert_ids}; pass resume=True (--resume) or another --out")
         _barrier(world)
-        store = TrajectoryStore(cfg.out) if rank != 0 else store
+        self.store = store if rank == 0 else TrajectoryStore(cfg.out)
+
+    def step(self, idx: int) -> dict:
+        """Train expert ``idx`` (see :class:`ExpertTrainer`)."""
+        return ExpertTrainer(idx, self.cfg, self.spec, self.train, self.train_emb, self.eval_ds, self.eval_emb).run()
+
+    def save(self, idx: int, r: dict) -> dict:
+        """Write expert ``idx``'s trajectories (atomically) and return its summary."""
+        info = {"metrics": r["metrics"], "seconds": r["seconds"], "images_per_s": r["images_per_s"],
+                "final_loss": r["loss"]}
+        self.store.write_expert(idx, r["img"], r["txt"], info=info,
+                                extra={"forget_events": r["events"], "forget_presentations": r["presentations"]})
+        log.info("expert %d: %.1f s (%.0f img/s), final loss %.4f, %s r_mean %.2f", idx, r["seconds"],
+                 r["images_per_s"], r["loss"], self.cfg.eval_split, r["metrics"].get("r_mean", float("nan")))
+        return info
+
+    def run(self) -> dict:
+        cfg, rank, world = self.cfg, self.rank, self.world
         mine = [i for i in range(cfg.experts) if i % world == rank]
-        todo = [i for i in mine if not store.has_expert(i)]
+        todo = [i for i in mine if not self.store.has_expert(i)]
         skipped = sorted(set(mine) - set(todo))
         if skipped:
             log.info("rank %d: experts %s already in %s, skipped", rank, skipped, cfg.out)
-        results = {}
-        for i in todo:
-            r = train_expert(i, cfg, spec, train, train_emb, eval_ds, eval_emb)
-            info = {
-                "metrics": r["metrics"],
-                "seconds": r["seconds"],
-                "images_per_s": r["images_per_s"],
-                "final_loss": r["loss"],
-            }
-            store.write_expert(
-                i,
-                r["img"],
-                r["txt"],
-                info=info,
-                extra={"forget_events": r["events"], "forget_presentations": r["presentations"]},
-            )
-            score = r["metrics"].get("r_mean", float("nan"))
-            log.info(
-                "expert %d: %.1f s (%.0f img/s), final loss %.4f, %s r_mean %.2f",
-                i,
-                r["seconds"],
-                r["images_per_s"],
-                r["loss"],
-                cfg.eval_split,
-                score,
-            )
-            results[i] = info
+        results = {i: self.save(i, self.step(i)) for i in todo}
         _barrier(world)
         if rank == 0:
-            store.finalize()
-            write_forgetting(store)
-        return {
-            "store": str(Path(cfg.out)),
-            "rank": rank,
-            "world": world,
-            "trained": sorted(results),
-            "skipped": skipped,
-            "results": results,
-            "config": asdict(cfg),
-        }
-    finally:
-        if created:
+            self.store.finalize()
+            write_forgetting(self.store)
+        return {"store": str(Path(cfg.out)), "rank": rank, "world": world, "trained": sorted(results),
+                "skipped": skipped, "results": results, "config": asdict(cfg)}
+
+    def close(self) -> None:
+        """Leave the process group this stage joined (if it joined one)."""
+        if self._created:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+            self._created = False
+
+    def __enter__(self) -> BufferBuilder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def run(cfg: BufferConfig) -> dict:
+    """Train the experts of ``cfg`` missing from the store ``cfg.out``; returns a summary dict."""
+    with BufferBuilder(cfg) as b:
+        return b.run()

@@ -34,7 +34,7 @@ from lors_fast.core.targets import FullSimilarity, LowRankSimilarity, LowRankTar
 from lors_fast.engine.metrics import retrieval_metrics
 from lors_fast.models import StudentSpec, build_student, seeded
 
-__all__ = ["EvalConfig", "RetrievalSet", "epoch_batches", "train_on_synset", "evaluate_synset", "evaluate_real_subset",
+__all__ = ["EvalConfig", "RetrievalSet", "SynsetTrainer", "epoch_batches", "train_on_synset", "evaluate_synset", "evaluate_real_subset",
            "summarize", "load_retrieval_set", "run"]
 
 METRIC_KEYS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "txt_r_mean", "img_r_mean", "r_mean")
@@ -242,6 +242,108 @@ def _check_inputs(spec, images, texts, lr_img, lr_txt, loss, val, test):
         raise ValueError("train_on_synset: " + "; ".join(errs))
 
 
+class SynsetTrainer:
+    """A fresh student trained on a (distilled or real) set: setup in ``__init__`` (inputs checked, student,
+    optimiser, generators), :meth:`step` (one minibatch), :meth:`epoch` (one pass, the lr decay, and the
+    evaluation record at evaluation epochs), :meth:`result` (final, val-selected and optional best-on-test
+    metrics) and :meth:`run` (every epoch, then the result)."""
+
+    def __init__(self, spec: StudentSpec, images: torch.Tensor, texts: torch.Tensor, target, lr_img, lr_txt,
+                 cfg: EvalConfig, *, seed: int, val: RetrievalSet | None = None, test: RetrievalSet | None = None):
+        if cfg.arch is not None:
+            spec = StudentSpec.from_dict({**spec.to_dict(), "image_arch": cfg.arch, "image_weights": cfg.arch_weights})
+        _check_inputs(spec, images, texts, lr_img, lr_txt, cfg.loss, val, test)
+        self.spec, self.cfg, self.seed, self.val, self.test = spec, cfg, seed, val, test
+        self.dev = dev = torch.device(cfg.device)
+        self.n = images.shape[0]
+        self.x_all = _resize(images.detach().float().to(dev), spec.image_size)
+        self.y_all = texts.detach().float().to(dev)
+        self.tgt = _detach_target(target, self.n, dev)
+        self.img_enc, self.txt_head = build_student(spec, seed=seed)
+        self.img_enc.to(dev, memory_format=torch.channels_last)  # conv weights NHWC (1.2-1.4x on CPU; same values)
+        self.txt_head.to(dev)
+        self.opt = torch.optim.SGD(
+            [{"params": list(self.img_enc.parameters()), "lr": float(lr_img)},
+             {"params": list(self.txt_head.parameters()), "lr": float(lr_txt)}],
+            lr=float(lr_img), momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+        )
+        self.gen = torch.Generator().manual_seed(seed)
+        self.eval_epochs = set(range(cfg.eval_every, cfg.epochs + 1, cfg.eval_every)) | {cfg.epochs}
+        self.history: list[dict] = []
+        self.best_val, self.best_state, self.best_epoch = -math.inf, None, None
+
+    def step(self, idx: torch.Tensor) -> float:
+        """One SGD step on the pairs ``idx`` with their block of the target; returns the loss."""
+        from lors_fast.core.functional import contrastive_loss
+
+        idx_d = idx.to(self.dev)
+        f = F.normalize(self.img_enc(_nhwc(self.x_all[idx_d])), dim=-1)
+        h = F.normalize(self.txt_head(self.y_all[idx_d]), dim=-1)
+        loss = contrastive_loss(f, h, 1.0 / self.cfg.temperature, _batch_target(self.tgt, idx_d), kind=self.cfg.loss)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.item()
+
+    def _retrieval(self, split: RetrievalSet) -> dict:
+        return _retrieval(self.img_enc, self.txt_head, split, self.spec, self.cfg)
+
+    def epoch(self, ep: int) -> None:
+        """Epoch ``ep`` (1-based): minibatches without replacement, the step decay at the midpoint, and at an
+        evaluation epoch a history record (val keeps the best state so far)."""
+        cfg = self.cfg
+        losses = [self.step(idx) for idx in epoch_batches(self.n, cfg.batch_size, self.gen)]
+        if ep == cfg.epochs // 2:
+            for g in self.opt.param_groups:
+                g["lr"] *= cfg.lr_decay
+        if ep not in self.eval_epochs:
+            return
+        rec = {"epoch": ep, "loss": sum(losses) / len(losses)}
+        if not all(math.isfinite(v) for v in losses):
+            rec["diverged"] = True
+        if self.val is not None:
+            rec["val"] = self._retrieval(self.val)
+            if rec["val"]["r_mean"] > self.best_val:
+                self.best_val, self.best_epoch = rec["val"]["r_mean"], ep
+                self.best_state = (copy.deepcopy(self.img_enc.state_dict()), copy.deepcopy(self.txt_head.state_dict()))
+        if self.test is not None and cfg.report_best_on_test:
+            rec["test"] = self._retrieval(self.test)
+        self.history.append(rec)
+
+    def result(self) -> dict:
+        """``{"seed", "history", "final", "val_selected", "best_on_test"?}`` (see :func:`train_on_synset`)."""
+        cfg, history, test = self.cfg, self.history, self.test
+        final = None
+        if test is not None:
+            final = history[-1].get("test") or self._retrieval(test)
+        out = {"seed": self.seed, "history": history, "final": final, "val_selected": None}
+        if self.val is not None and self.best_state is not None:
+            if self.best_epoch == cfg.epochs:
+                sel_test = final
+            elif test is None:
+                sel_test = None
+            elif cfg.report_best_on_test:
+                sel_test = next(r["test"] for r in history if r["epoch"] == self.best_epoch)
+            else:
+                self.img_enc.load_state_dict(self.best_state[0])
+                self.txt_head.load_state_dict(self.best_state[1])
+                sel_test = self._retrieval(test)
+            out["val_selected"] = {"epoch": self.best_epoch,
+                                   "val": next(r["val"] for r in history if r["epoch"] == self.best_epoch),
+                                   "test": sel_test}
+        if cfg.report_best_on_test and test is not None:
+            best = max(history, key=lambda r: r["test"]["r_mean"])
+            out["best_on_test"] = {"epoch": best["epoch"], "test": best["test"],
+                                   "note": "selected on the TEST split (the reference's reporting); optimistic"}
+        return out
+
+    def run(self) -> dict:
+        with seeded(self.seed + 7919, self.dev):  # dropout of a "projection" head: reproducible, global RNG untouched
+            for ep in range(1, self.cfg.epochs + 1):
+                self.epoch(ep)
+        return self.result()
+
+
 def train_on_synset(spec: StudentSpec, images: torch.Tensor, texts: torch.Tensor, target, lr_img, lr_txt,
                     cfg: EvalConfig, *, seed: int, val: RetrievalSet | None = None,
                     test: RetrievalSet | None = None) -> dict:
@@ -251,78 +353,7 @@ def train_on_synset(spec: StudentSpec, images: torch.Tensor, texts: torch.Tensor
     last epoch, "val_selected": {"epoch", "val", "test"} (None without val), "best_on_test":
     {"epoch", "test"} (only with cfg.report_best_on_test)}``. Without ``test`` the metric entries are None.
     """
-    if cfg.arch is not None:
-        spec = StudentSpec.from_dict({**spec.to_dict(), "image_arch": cfg.arch, "image_weights": cfg.arch_weights})
-    _check_inputs(spec, images, texts, lr_img, lr_txt, cfg.loss, val, test)
-    dev = torch.device(cfg.device)
-    n = images.shape[0]
-    x_all = _resize(images.detach().float().to(dev), spec.image_size)
-    y_all = texts.detach().float().to(dev)
-    tgt = _detach_target(target, n, dev)
-    img_enc, txt_head = build_student(spec, seed=seed)
-    img_enc.to(dev, memory_format=torch.channels_last)  # conv weights NHWC (1.2-1.4x on CPU; values unchanged)
-    txt_head.to(dev)
-    opt = torch.optim.SGD(
-        [{"params": list(img_enc.parameters()), "lr": float(lr_img)},
-         {"params": list(txt_head.parameters()), "lr": float(lr_txt)}],
-        lr=float(lr_img), momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-    )
-    from lors_fast.core.functional import contrastive_loss
-
-    scale = 1.0 / cfg.temperature
-    gen = torch.Generator().manual_seed(seed)
-    eval_epochs = {e for e in range(cfg.eval_every, cfg.epochs + 1, cfg.eval_every)} | {cfg.epochs}
-    history: list[dict] = []
-    best_val, best_state, best_epoch = -math.inf, None, None
-    with seeded(seed + 7919, dev):  # dropout of a "projection" head: reproducible, global RNG untouched
-        for ep in range(1, cfg.epochs + 1):
-            losses = []
-            for idx in epoch_batches(n, cfg.batch_size, gen):  # without replacement
-                idx_d = idx.to(dev)
-                f = F.normalize(img_enc(_nhwc(x_all[idx_d])), dim=-1)
-                h = F.normalize(txt_head(y_all[idx_d]), dim=-1)
-                loss = contrastive_loss(f, h, scale, _batch_target(tgt, idx_d), kind=cfg.loss)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
-            if ep == cfg.epochs // 2:  # step decay at the midpoint
-                for g in opt.param_groups:
-                    g["lr"] *= cfg.lr_decay
-            if ep in eval_epochs:
-                rec = {"epoch": ep, "loss": sum(losses) / len(losses)}
-                if not all(math.isfinite(v) for v in losses):
-                    rec["diverged"] = True
-                if val is not None:
-                    rec["val"] = _retrieval(img_enc, txt_head, val, spec, cfg)
-                    if rec["val"]["r_mean"] > best_val:
-                        best_val, best_epoch = rec["val"]["r_mean"], ep
-                        best_state = (copy.deepcopy(img_enc.state_dict()), copy.deepcopy(txt_head.state_dict()))
-                if test is not None and cfg.report_best_on_test:
-                    rec["test"] = _retrieval(img_enc, txt_head, test, spec, cfg)
-                history.append(rec)
-    final = None
-    if test is not None:
-        final = history[-1].get("test") or _retrieval(img_enc, txt_head, test, spec, cfg)
-    out = {"seed": seed, "history": history, "final": final, "val_selected": None}
-    if val is not None and best_state is not None:
-        if best_epoch == cfg.epochs:
-            sel_test = final
-        elif test is None:
-            sel_test = None
-        elif cfg.report_best_on_test:
-            sel_test = next(r["test"] for r in history if r["epoch"] == best_epoch)
-        else:
-            img_enc.load_state_dict(best_state[0])
-            txt_head.load_state_dict(best_state[1])
-            sel_test = _retrieval(img_enc, txt_head, test, spec, cfg)
-        out["val_selected"] = {"epoch": best_epoch, "val": next(r["val"] for r in history if r["epoch"] == best_epoch),
-                               "test": sel_test}
-    if cfg.report_best_on_test and test is not None:
-        best = max(history, key=lambda r: r["test"]["r_mean"])
-        out["best_on_test"] = {"epoch": best["epoch"], "test": best["test"],
-                               "note": "selected on the TEST split (the reference's reporting); optimistic"}
-    return out
+    return SynsetTrainer(spec, images, texts, target, lr_img, lr_txt, cfg, seed=seed, val=val, test=test).run()
 
 
 def _mean_std(dicts: list[dict]) -> dict:

@@ -202,104 +202,131 @@ def _eval_one(cfg: MainJobConfig, buffer: str, ckpt: str | None, k: int, threads
     return run, float(lr_img), float(lr_txt), time.perf_counter() - t0
 
 
-class _Inline:
-    """The executor interface, run at submission in this process (the serial schedule)."""
+class _Done:
+    """A task already run (the serial schedule): the interface of ``multiprocessing``'s AsyncResult."""
 
-    def submit(self, fn, *args):
-        from concurrent.futures import Future
+    def __init__(self, fn, args):
+        try:
+            self._value, self._error = fn(*args), None
+        except Exception as e:  # noqa: BLE001 - re-raised by get(), as a worker's would be
+            self._value, self._error = None, e
 
-        f = Future()
-        f.set_result(fn(*args))
-        return f
+    def ready(self) -> bool:
+        return True
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def shutdown(self, **kw):
-        pass
+    def get(self, timeout=None):
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
-def _distill_and_evaluate(cfg: MainJobConfig, buffer: str, say) -> tuple[dict, dict, float]:
-    """Distill LoRS (and the baseline) and evaluate every set, seed by seed.
+class _Schedule:
+    """The distill + eval schedule of the main job: setup in ``__init__`` (the stage configs, the worker pool),
+    :meth:`submit`, :meth:`step` (collect what finished and queue what it unlocks), :meth:`run` (until nothing
+    is pending) and :meth:`close`.
 
     Parallel schedule (two spawn workers, one thread each, on two or more cores): both distillations start at
     once; the random subset's seeds queue behind them and each set's seeds are queued as soon as its
-    distillation ends, so no core waits for a stage boundary. A bar in this process follows the workers
-    through their metrics files. Serial schedule: the same tasks one after the other, in this process.
-    Returns (distilled: name -> (checkpoint, seconds), results: name -> evaluation dict, wall seconds)."""
-    from concurrent.futures import FIRST_COMPLETED, wait
+    distillation ends, so no core waits for a stage boundary; a failed task stops the workers at once (a running
+    distillation's atomic checkpoint stays resumable). Serial schedule: the same tasks one after the other, in
+    this process. Per-seed results are the same either way."""
 
-    from lors_fast.engine.evaluate import summarize
+    def __init__(self, cfg: MainJobConfig, buffer: str, say):
+        self.cfg, self.buffer, self.say = cfg, buffer, say
+        runs = {"lors": "lowrank"}
+        if cfg.baseline:
+            runs["tm"] = "none"
+        self.sets = list(runs) + (["random"] if cfg.random_subset else [])
+        self.parallel = cfg.parallel and (os.cpu_count() or 1) >= 2
+        self.threads = 1 if self.parallel else None
+        self.cfgs = {name: _distill_cfg(cfg, buffer, name, sim, self.threads) for name, sim in runs.items()}
+        self.n_tasks = sum(c.iterations for c in self.cfgs.values()) + len(self.sets) * cfg.eval_runs
+        self.pool = None
+        if self.parallel:
+            import multiprocessing as mp
 
-    runs = {"lors": "lowrank"}
-    if cfg.baseline:
-        runs["tm"] = "none"
-    sets = list(runs) + (["random"] if cfg.random_subset else [])
-    parallel = cfg.parallel and (os.cpu_count() or 1) >= 2
-    threads = 1 if parallel else None
-    cfgs = {name: _distill_cfg(cfg, buffer, name, sim, threads) for name, sim in runs.items()}
-    n_tasks = sum(c.iterations for c in cfgs.values()) + len(sets) * cfg.eval_runs
-    t0 = time.perf_counter()
-    if parallel:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
+            self.pool = mp.get_context("spawn").Pool(2)
+        self.pending: dict = {}  # task handle -> ("distill" | "eval", set name, seed index)
+        self.distilled: dict = {}  # name -> (checkpoint, seconds)
+        self.evals: dict = {name: {} for name in self.sets}  # name -> seed index -> _eval_one's tuple
+        self.bar = None
 
-        pool = ProcessPoolExecutor(2, mp_context=mp.get_context("spawn"))
-        say(f"[distill+eval] {', '.join(cfgs)} ({cfgs['lors'].iterations} iterations each), then "
-            f"{cfg.eval_runs} evaluation seeds of {', '.join(sets)}, on 2 worker processes...")
-    else:
-        pool = _Inline()
-    bar = None
-    if cfg.progress and parallel:  # (serially, the distillation shows its own bar)
-        from tqdm.auto import tqdm
+    def submit(self, what: str, name: str, k, fn, *args) -> None:
+        handle = self.pool.apply_async(fn, args) if self.pool is not None else _Done(fn, args)
+        self.pending[handle] = (what, name, k)
 
-        bar = tqdm(total=n_tasks, desc="distill+eval", unit="step", dynamic_ncols=True)
-    distilled, evals, done_evals = {}, {name: {} for name in sets}, 0
-    with pool as ex:
-        pending = {}
-        for name, c in cfgs.items():
-            if not parallel:
-                say(f"[distill] {name} ({c.iterations} iterations)...")
-            pending[ex.submit(_distill_one, c)] = ("distill", name, None)
+    def _eval(self, name: str, ckpt: str | None) -> None:
+        for k in range(self.cfg.eval_runs):
+            self.submit("eval", name, k, _eval_one, self.cfg, self.buffer, ckpt, k, self.threads)
+
+    def step(self) -> None:
+        """Collect every finished task (raising the first failure) and queue the evaluations it unlocks."""
+        from lors_fast.engine.evaluate import summarize
+
+        done = [h for h in self.pending if h.ready()]
+        if not done:
+            time.sleep(0.5)
+        for h in done:
+            what, name, k = self.pending.pop(h)
+            result = h.get()
+            if what == "distill":
+                self.distilled[name] = result
+                self.say(f"[distill] {name}: {result[0]} ({result[1]:.0f} s)")
+                self._eval(name, result[0])
+            else:
+                self.evals[name][k] = result
+                if len(self.evals[name]) == self.cfg.eval_runs:
+                    self.say(f"[eval] {name}: {_short(_collect(self.evals[name], summarize))}")
+        if self.bar is not None:
+            steps = sum(_lines(Path(c.out) / "metrics.jsonl") for c in self.cfgs.values())
+            done_evals = sum(len(v) for v in self.evals.values())
+            self.bar.n = min(steps, self.n_tasks - len(self.sets) * self.cfg.eval_runs) + done_evals
+            self.bar.refresh()
+
+    def run(self) -> tuple[dict, dict, float]:
+        """Returns (distilled: name -> (checkpoint, seconds), results: name -> evaluation dict, wall seconds)."""
+        from lors_fast.engine.evaluate import summarize
+
+        cfg, t0 = self.cfg, time.perf_counter()
+        if self.parallel:
+            self.say(f"[distill+eval] {', '.join(self.cfgs)} ({self.cfgs['lors'].iterations} iterations each), "
+                     f"then {cfg.eval_runs} evaluation seeds of {', '.join(self.sets)}, on 2 worker processes...")
+            if cfg.progress:  # (serially, the distillation shows its own bar)
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=self.n_tasks, desc="distill+eval", unit="step", dynamic_ncols=True)
+        for name, c in self.cfgs.items():
+            if not self.parallel:
+                self.say(f"[distill] {name} ({c.iterations} iterations)...")
+            self.submit("distill", name, None, _distill_one, c)
         if cfg.random_subset:
-            for k in range(cfg.eval_runs):
-                pending[ex.submit(_eval_one, cfg, buffer, None, k, threads)] = ("eval", "random", k)
-        while pending:
-            done, _ = wait(list(pending), timeout=2.0, return_when=FIRST_COMPLETED)
-            if any(f.exception() is not None for f in done):  # fail fast: drop the queue, keep the traceback
-                _stop(ex)
-            for f in done:
-                what, name, k = pending.pop(f)
-                if what == "distill":
-                    distilled[name] = f.result()
-                    say(f"[distill] {name}: {distilled[name][0]} ({distilled[name][1]:.0f} s)")
-                    for j in range(cfg.eval_runs):
-                        pending[ex.submit(_eval_one, cfg, buffer, distilled[name][0], j, threads)] = \
-                            ("eval", name, j)
-                else:
-                    evals[name][k] = f.result()
-                    done_evals += 1
-                    if len(evals[name]) == cfg.eval_runs:
-                        say(f"[eval] {name}: {_short(_collect(evals[name], summarize))}")
-            if bar is not None:
-                steps = sum(_lines(Path(c.out) / "metrics.jsonl") for c in cfgs.values())
-                bar.n = min(steps, n_tasks - len(sets) * cfg.eval_runs) + done_evals
-                bar.refresh()
-    if bar is not None:
-        bar.close()
-    results = {name: _collect(evals[name], summarize) for name in sets}
-    return distilled, results, time.perf_counter() - t0
+            self._eval("random", None)
+        while self.pending:
+            self.step()
+        results = {name: _collect(self.evals[name], summarize) for name in self.sets}
+        return self.distilled, results, time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Stop the workers now: after a failure nothing queued runs, and a running task is not waited for."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+
+    def __enter__(self) -> _Schedule:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def _stop(ex) -> None:
-    """Cancel the queue and stop the workers now (a running distillation would otherwise be waited for; its
-    atomic checkpoint stays resumable)."""
-    ex.shutdown(wait=False, cancel_futures=True)
-    for p in list((getattr(ex, "_processes", None) or {}).values()):
-        p.terminate()
+def _distill_and_evaluate(cfg: MainJobConfig, buffer: str, say) -> tuple[dict, dict, float]:
+    """Distill LoRS (and the baseline) and evaluate every set, seed by seed (see :class:`_Schedule`)."""
+    with _Schedule(cfg, buffer, say) as schedule:
+        return schedule.run()
 
 
 def _collect(by_seed: dict, summarize) -> dict:
