@@ -2,13 +2,13 @@
 
 Memory is O(chunk·N) at every order of differentiation. Three autograd building blocks:
 
-- :func:`chunked_sum` (generic, ``_stream_chunked``): the sum over row chunks k of a row-separable function
+- :func:`chunked_sum` (generic, :mod:`.chunked`): the sum over row chunks k of a row-separable function
   fₖ of (row slices of some inputs, all of other inputs). Its forward keeps nothing but its inputs; its
   backward recomputes each chunk and takes that chunk's vector–Jacobian product under autograd; its double
   backward recomputes each chunk once more and differentiates that product. Used by ``kl``.
-- ``_Lse`` / ``_LseGrad`` (``lse``, ``_stream_lse``): an online no-grad forward; a closed-form backward
+- ``_Lse`` / ``_LseGrad`` (``lse``, :mod:`.lse`): an online no-grad forward; a closed-form backward
   G = gr_i·softmax_row + gc_j·softmax_col with in-place tile arithmetic and accumulating GEMMs.
-- ``_PairSum`` / ``_PairSumGrad`` (``pairsum``, ``_stream_pairsum``): the forward also computes every first
+- ``_PairSum`` / ``_PairSumGrad`` (``pairsum``, :mod:`.pairsum`): the forward also computes every first
   derivative from the closed forms G = ∂φ/∂Z, H = ∂φ/∂S (KERNELS.md) in the same pass over the tiles, so the
   backward only scales them by the incoming cotangent (one pass in all instead of a forward pass plus a
   recomputing one).
@@ -17,7 +17,7 @@ Both closed-form backwards are themselves differentiable: their double backward 
 lets autograd differentiate the closed-form first derivatives written in plain torch ops
 (``_lse_grad_terms``, ``_pair_grad_terms``/``_phi_derivs``), so second derivatives are exact; pairsum's
 double backward is by default closed-form as well (``pairsum.CLOSED_FORM_HVP``). Tiles of Z and S and the
-elementwise φ maths live in ``_stream_tiles``.
+elementwise φ maths live in :mod:`.tiles`.
 
 The primitives (docs/DESIGN.md):
 

@@ -1,6 +1,6 @@
 """The pair-sum primitive of the streaming path (:mod:`lors_fast.core.streaming`).
 
-Σ_ij φ(Z_ij, S_ij), Z = s·U·Vᵀ + b, the target tile S[k, :] built per chunk (``_stream_tiles``):
+Σ_ij φ(Z_ij, S_ij), Z = s·U·Vᵀ + b, the target tile S[k, :] built per chunk (:mod:`.tiles`):
 
 - forward (``_PairSum``): also computes every first derivative from the closed forms G = ∂φ/∂Z,
   H = ∂φ/∂S (KERNELS.md) in the same pass over the tiles (``_pair_first_grads``), so the backward
