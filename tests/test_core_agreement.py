@@ -14,6 +14,7 @@ import pytest
 import torch
 from helpers import KINDS, TARGETS, LossCase, assert_close_verbose
 
+from lors_fast.core.kinds import LSE_KINDS, PAIR_KINDS
 from lors_fast.core.streaming import pairsum
 
 CHUNK = 4  # rows per streaming chunk: N = 11 gives chunks of 4, 4, 3
@@ -127,7 +128,7 @@ def _second_order_backward(case: LossCase, backend: str, w: dict) -> dict:
 
 
 # CLOSED_FORM_HVP only concerns the pairwise kinds: the softmax kinds run once, with the default
-_HVP_CASES = [(k, h) for k in KINDS for h in (("closed",) if k in ("infonce", "cwcl", "kl") else ("closed", "autograd"))]
+_HVP_CASES = [(k, h) for k in KINDS for h in (("closed",) if k in LSE_KINDS else ("closed", "autograd"))]
 
 
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
@@ -148,7 +149,7 @@ def test_float64_double_backward(kind, hvp, target, monkeypatch):
 
 
 @pytest.mark.parametrize("hvp", ["closed", "autograd"])
-@pytest.mark.parametrize("kind", ["bce", "wbce", "mse", "siglip"])
+@pytest.mark.parametrize("kind", PAIR_KINDS)
 def test_float64_saturated_logits(kind, hvp, monkeypatch):
     """|Z| up to ~150: bce's −100 log clamp is active on some entries, σ saturates; first and second order."""
     monkeypatch.setattr(pairsum, "CLOSED_FORM_HVP", hvp == "closed")

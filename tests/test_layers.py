@@ -155,3 +155,28 @@ def test_public_paths_stay_importable():
     assert callable(lors_fast.contrastive_loss) and TritonPrimitives.__name__ == "TritonPrimitives"
     for name in ("LowRankTarget", "LowRankSimilarity", "FullSimilarity", "retrieval_metrics"):
         assert getattr(lors_fast, name) is not None
+
+
+# textual fingerprints of the kind list and of φ's formulas: they may appear only in lors_fast/core/kinds.py
+_COPIES = [
+    re.compile(r'"infonce",\s*"bce",\s*"wbce"'),  # the kind list
+    re.compile(r'"bce",\s*"wbce",\s*"mse",\s*"softplus"'),  # the pair-sum φ list
+    re.compile(r"log\(\s*\w+\s*\+\s*(1e-6|EPS)\s*\)\s*-\s*\(1\s*-\s*S\)"),  # wbce's ℓ
+    re.compile(r"softplus\(-?Z\)\.clamp_max\(100"),  # bce's φ
+    re.compile(r"clamp\(softplus\(-Z\),\s*max="),
+    re.compile(r"EPS\s*=\s*1e-6"),
+]
+
+
+def test_kinds_and_phi_written_once():
+    here = Path(__file__).resolve()
+    hits = []
+    for base in (PKG, CLI, ROOT / "tests", ROOT / "bench"):
+        for p in base.rglob("*.py"):
+            if p == PKG / "core" / "kinds.py" or p == here:
+                continue
+            text = p.read_text()
+            hits += [f"{p.relative_to(ROOT)}: {rx.pattern}" for rx in _COPIES if rx.search(text)]
+    assert hits == []
+    kinds_src = (PKG / "core" / "kinds.py").read_text()
+    assert all(rx.search(kinds_src) for rx in (_COPIES[0], _COPIES[4], _COPIES[5])), "the fingerprints went stale"

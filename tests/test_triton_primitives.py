@@ -14,7 +14,7 @@ import torch  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-from lors_fast.core.kinds import interpreting  # noqa: E402
+from lors_fast.core.kinds import PAIR_PHIS, TRITON_KINDS, interpreting  # noqa: E402
 from lors_fast.core.reference import reference_lse, reference_pairsum  # noqa: E402
 from lors_fast.ops import TritonPrimitives  # noqa: E402
 
@@ -159,7 +159,7 @@ def test_lse(case, dtype):
 
 
 # ------------------------------------------------------------------------------------------- pairsum
-PAIR_CASES = [(kind, tg) for kind in ("bce", "wbce", "mse") for tg in ("identity", "lowrank")] + \
+PAIR_CASES = [(kind, tg) for kind in PAIR_PHIS[:3] for tg in ("identity", "lowrank")] + \
     [("softplus", "identity")]
 
 
@@ -341,7 +341,7 @@ def test_extreme_logits_finite():
     # large scale: saturated sigmoids, bce clamp active, LSE far from 0
     U, V, s, b, tgt = make_inputs(20, 20, 16, 2, F64, seed=6, scale=300.0)
     kin, oin = _leaves(U, V, s, b, tgt, torch.float32, DEV)
-    for kind in ("bce", "wbce", "mse"):
+    for kind in PAIR_PHIS[:3]:
         npos, nneg = _counts(P_EXACT, kin[4], 20) if kind == "wbce" else (None, None)
         compare(lambda k=kind, p=npos, q=nneg: P_EXACT.pairsum(k, *kin, npos=p, nneg=q),
                 lambda k=kind, p=npos, q=nneg: oracle_pairsum(k, *oin, npos=p, nneg=q), kin, oin, 1e-4, 1e-5,
@@ -458,7 +458,7 @@ def test_gpu_against_oracle(dtype):
             rtol, 1e-6, f"gpu lse {dtype}")
 
 
-@pytest.mark.parametrize("kind", ["infonce", "bce", "wbce", "cwcl", "mse", "siglip"])
+@pytest.mark.parametrize("kind", TRITON_KINDS)
 def test_public_loss_triton_backend_matches_reference(kind):
     # lors_fast.contrastive_loss(backend="triton") composes these primitives (compose.py): value, first and
     # second derivatives against the materialised reference, identity and low-rank targets, float64.

@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from lors_fast.core.kinds import EPS
 from lors_fast.core.targets import LowRankTarget
-
-EPS = 1e-6
 
 
 def normalise_target(target):

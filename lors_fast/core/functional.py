@@ -154,7 +154,7 @@ def contrastive_loss(image_features, text_features, logit_scale, target=None, *,
         image_features, text_features: (N, d) tensors, used as given (callers L2-normalise).
         logit_scale: the multiplier (open_clip convention: already exponentiated), float or 0-dim tensor.
         target: None (identity: hard CLIP labels), a :class:`LowRankTarget`, or a dense (N, N) tensor.
-        kind: one of "infonce", "bce", "wbce", "cwcl", "kl", "mse", "siglip" (reference semantics:
+        kind: one of :data:`lors_fast.core.kinds.KINDS` (reference semantics:
             :mod:`lors_fast.core.reference`).
         logit_bias: optional additive bias, float or 0-dim tensor.
         backend: "auto" (triton on CUDA, streaming otherwise), "reference", "streaming" or "triton".

@@ -358,7 +358,7 @@ class ContrastiveLoss(nn.Module):
     """Module form of :func:`lors_fast.contrastive_loss` (soft targets: identity, low-rank or dense S).
 
     Args:
-        kind: one of "infonce", "bce", "wbce", "cwcl", "kl", "mse", "siglip".
+        kind: one of :data:`lors_fast.core.kinds.KINDS`.
         backend: "auto" | "reference" | "streaming" | "triton".
         kl_temperature: τ of the "kl" kind (finite, > 0).
         chunk_size: rows per chunk of the streaming backend (None: automatic).
