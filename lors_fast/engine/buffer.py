@@ -110,6 +110,10 @@ class BufferConfig:
 
     def __post_init__(self) -> None:
         e = []
+        if self.eval_split == "none":  # the CLI's spelling of "no final score"
+            self.eval_split = None
+        if isinstance(self.device, str) and self.device.startswith("cuda") and not torch.cuda.is_available():
+            e.append(f"device {self.device!r} requested but CUDA is not available (expected 'cpu')")
         if self.dataset not in DATASETS:
             e.append(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.dataset in ("flickr", "coco"):
@@ -196,7 +200,7 @@ class BufferConfig:
         )
         return StudentSpec(
             image_arch=self.image_arch,
-            image_weights=self.image_weights,
+            image_weights=None if self.image_weights is None else str(Path(self.image_weights).expanduser().resolve()),
             image_size=size,
             text_dim=text_dim,
             text_head=self.text_head,
@@ -385,10 +389,12 @@ def _barrier(world: int) -> None:
 def store_meta(
     cfg: BufferConfig, spec: StudentSpec, train: PairDataset, fi: FlatModel, ft: FlatModel
 ) -> dict:
-    """The store metadata this config produces (compared on resume)."""
+    """The store metadata this config produces (compared on resume); local paths are absolute."""
+    from lors_fast.data.text import canonical_encoder
+
     return {
         "spec": spec.to_dict(),
-        "encoder": cfg.text_encoder,
+        "encoder": canonical_encoder(cfg.text_encoder),
         "dataset": train.fingerprint,
         "dataset_name": train.name,
         "n_train": train.n_images,
@@ -428,7 +434,13 @@ def run(cfg: BufferConfig) -> dict:
     """Train the experts of ``cfg`` missing from the store ``cfg.out``; returns a summary dict."""
     from lors_fast.data.text import caption_embeddings
 
+    import contextlib
+
+    from lors_fast.data.io import check_output_dir
+    from lors_fast.data.runlock import hold
+
     cfg.check_paths()  # fail at once, before any data or model work
+    check_output_dir(cfg.out, "out (--out)")
     if cfg.image_arch != "convnet" and cfg.image_weights is None:
         log.warning(
             "image_arch %r starts from random init (no --image-weights); the paper used ImageNet weights",
@@ -437,7 +449,10 @@ def run(cfg: BufferConfig) -> dict:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     rank, world, created = _dist_setup()
+    lock = contextlib.ExitStack()
     try:
+        if rank == 0:  # one writer job per store (the ranks of a torchrun job share rank 0's lock)
+            lock.enter_context(hold(cfg.out, "lors-fast buffer"))
         kw = dict(
             root=cfg.root,
             ann_root=cfg.ann_root,
@@ -519,6 +534,7 @@ def run(cfg: BufferConfig) -> dict:
             "config": asdict(cfg),
         }
     finally:
+        lock.close()
         if created:
             import torch.distributed as dist
 

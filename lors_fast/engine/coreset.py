@@ -213,6 +213,16 @@ def run(cfg: CoresetConfig, progress=print) -> dict:
     from lors_fast.engine.evaluate import evaluate_real_subset, format_summary, load_retrieval_set
     from lors_fast.models import StudentSpec
 
+    from lors_fast.engine.evaluate import check_run_setup
+
+    check_run_setup(cfg.eval.device, cfg.out)
+    if cfg.buffer is not None:
+        root = Path(cfg.buffer)
+        if not root.is_dir():
+            raise FileNotFoundError(f"buffer (--buffer) {root}: trajectory store folder not found")
+        if not (root / "index.json").is_file() and cfg.method != "forgetting":
+            raise FileNotFoundError(f"buffer (--buffer) {root}: no index.json, expected a trajectory store "
+                                    "(from `lors-fast buffer`)")
     kw = dict(root=cfg.data_root, ann_root=cfg.ann_root, cache_dir=cfg.cache_dir)
     ds = load_split(cfg.dataset, "train", **kw)
     emb = caption_embeddings(ds, cfg.text_encoder, cache_dir=cfg.cache_dir)
