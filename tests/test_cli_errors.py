@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-
 from lors_fast.cli import main
 
 SYS_DENIED = Path("/sys/lors_fast_denied")  # writing under /sys is refused even to root

@@ -71,7 +71,6 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[Path], None]) 
     fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     tmp_path = Path(tmp)
     try:
-        os.chmod(tmp_path, mode)  # mkstemp makes 0600; give the mode a plain open() would give
         if isinstance(data, (bytes, bytearray, memoryview)):
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -85,6 +84,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[Path], None]) 
         else:
             os.close(fd)
             raise TypeError(f"atomic_write: data must be bytes or a callable, got {type(data).__name__}")
+        os.chmod(tmp_path, mode)  # mkstemp (and some writers) make 0600: give the mode a plain open() would give
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)

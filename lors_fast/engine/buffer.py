@@ -432,12 +432,11 @@ def write_forgetting(store: TrajectoryStore) -> Path:
 
 def run(cfg: BufferConfig) -> dict:
     """Train the experts of ``cfg`` missing from the store ``cfg.out``; returns a summary dict."""
-    from lors_fast.data.text import caption_embeddings
-
     import contextlib
 
     from lors_fast.data.io import check_output_dir
     from lors_fast.data.runlock import hold
+    from lors_fast.data.text import caption_embeddings
 
     cfg.check_paths()  # fail at once, before any data or model work
     check_output_dir(cfg.out, "out (--out)")

@@ -210,10 +210,13 @@ def run(cfg: CoresetConfig, progress=print) -> dict:
     """Select the coreset on the train split, evaluate it (cfg.eval protocol), write cfg.out (JSON) if set."""
     from lors_fast.data.datasets import load_split
     from lors_fast.data.text import caption_embeddings
-    from lors_fast.engine.evaluate import evaluate_real_subset, format_summary, load_retrieval_set
+    from lors_fast.engine.evaluate import (
+        check_run_setup,
+        evaluate_real_subset,
+        format_summary,
+        load_retrieval_set,
+    )
     from lors_fast.models import StudentSpec
-
-    from lors_fast.engine.evaluate import check_run_setup
 
     check_run_setup(cfg.eval.device, cfg.out)
     if cfg.buffer is not None:
