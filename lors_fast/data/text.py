@@ -75,20 +75,18 @@ def canonical_encoder(encoder: str) -> str:
 
 
 def _check_tokenizer(tok, path: str) -> None:
-    """Refuse a tokenizer that maps ordinary words to [UNK] (a folder without tokenizer files)."""
-    probe = "a dog runs across the green grass near two people"
+    """Refuse a tokenizer without a vocabulary of words: transformers builds one of special tokens only from a
+    folder without tokenizer files, and every word then becomes [UNK]."""
     try:
-        ids = tok(probe)["input_ids"]
-    except Exception as e:
-        raise ValueError(f"{path}: the tokenizer cannot encode text ({e}); expected tokenizer files "
-                         "(tokenizer.json or vocab.txt / vocab.json + merges.txt) in the folder") from e
+        vocab = len(tok.get_vocab())
+    except Exception:  # a tokenizer that cannot list its vocabulary: probe it instead
+        vocab = None
     special = set(getattr(tok, "all_special_ids", []) or [])
-    words = [i for i in ids if i not in special]
-    unk = getattr(tok, "unk_token_id", None)
-    if not words or len(set(words)) <= 2 or (unk is not None and all(i == unk for i in words)):
-        raise ValueError(f"{path}: no usable tokenizer (ordinary words become {getattr(tok, 'unk_token', None)!r}); "
-                         "expected tokenizer files (tokenizer.json or vocab.txt / vocab.json + merges.txt) in the "
-                         "folder, e.g. from tokenizer.save_pretrained(folder)")
+    if vocab is not None and vocab - len(special) < 1:
+        raise ValueError(f"{path}: no usable tokenizer (its vocabulary holds only the {vocab} special tokens, so "
+                         f"every word becomes {getattr(tok, 'unk_token', None)!r}); expected tokenizer files "
+                         "(tokenizer.json or vocab.txt / vocab.json + merges.txt) in the folder, e.g. from "
+                         "tokenizer.save_pretrained(folder)")
 
 
 def encoder_key(encoder: str) -> str:
