@@ -235,3 +235,31 @@ def test_kl_temperature_and_rank_checks():
         LowRankSimilarity(4, True)
     s = LowRankSimilarity(np.int64(4), np.int64(2))
     assert s.rank == 2 and type(s.rank) is int and s.left.shape == (4, 2)
+
+
+def test_distill_needs_no_image_weight_file(tmp_path):
+    """The student's parameters come from the trajectories: the store's image_weights file may be gone."""
+    from lors_fast.data.datasets import load_split
+    from lors_fast.engine.distill import run
+    from lors_fast.engine.distill_config import DistillConfig
+    from lors_fast.engine.trajectories import TrajectoryStore
+    from lors_fast.models import FlatModel, StudentSpec, build_student
+
+    ds = load_split("synthetic", "train", image_size=16, n_images=24)
+    emb = torch.nn.functional.normalize(torch.randn(len(ds.captions), 12, generator=torch.Generator().manual_seed(0)))
+    w = tmp_path / "w.pt"
+    img, _ = build_student(StudentSpec(image_arch="test_resnet", image_size=16, text_dim=12), seed=0)
+    torch.save(img.state_dict(), w)
+    spec = StudentSpec(image_arch="test_resnet", image_weights=str(w), image_size=16, text_dim=12)
+    img, txt = build_student(spec, seed=0)
+    fi, ft = FlatModel(img), FlatModel(txt)
+    store = TrajectoryStore.create(tmp_path / "S", {"spec": spec.to_dict(), "encoder": "hash:12",
+                                                   "dataset": ds.fingerprint, "epochs": 2,
+                                                   "img_params": fi.describe(), "txt_params": ft.describe()})
+    store.write_expert(0, torch.stack([fi.flat()] * 3) + 0.01 * torch.arange(3.0)[:, None],
+                       torch.stack([ft.flat()] * 3) + 0.01 * torch.arange(3.0)[:, None])
+    w.unlink()
+    cfg = DistillConfig(buffer=str(tmp_path / "S"), out=str(tmp_path / "r"), n_pairs=6, syn_steps=1, mini_batch=3,
+                        iterations=1, rank=2, progress=False, artifacts=False, threads=1)
+    res = run(cfg, dataset=ds, caption_emb=emb)
+    assert [m["iteration"] for m in res.metrics] == [1]
