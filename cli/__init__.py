@@ -40,3 +40,7 @@ for _name in _STAGES:
             raise
         continue
     _mod.register(main)
+
+from lors_fast.cli._errors import install as _install_errors  # noqa: E402
+
+_install_errors(main)  # one-line `Error: ...` for every command, tracebacks only with --debug

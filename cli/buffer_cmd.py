@@ -81,7 +81,7 @@ def buffer(preset, eval_split, **opts):
     """Train expert trajectories into a trajectory store (launch with torchrun to shard experts)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if eval_split is not None:
-        opts["eval_split"] = None if eval_split == "none" else eval_split
+        opts["eval_split"] = eval_split  # "none" is understood by BufferConfig (None would mean "the preset's")
     try:
         cfg = BufferConfig.from_preset(preset, **opts)
         summary = run_buffer(cfg)
@@ -105,14 +105,34 @@ def import_buffer(src, out, spec_json, text_encoder, dataset):
     """Convert the reference's img_/txt_replay_buffer_<n>.pt files in SRC into a store at OUT."""
     from lors_fast.engine.trajectories import import_reference_buffers
 
+    spec = _parse_spec(spec_json)
     try:
-        spec = json.loads(spec_json) if spec_json else {}
         store = import_reference_buffers(
             src, out, {"spec": spec, "encoder": text_encoder, "dataset": dataset}
         )
     except (ValueError, FileNotFoundError, json.JSONDecodeError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(json.dumps({"store": out, "experts": store.expert_ids, "epochs": store.epochs}))
+
+
+def _parse_spec(spec_json: str | None) -> dict:
+    """--spec-json as a StudentSpec dict (checked now, so a store never records an unusable spec)."""
+    from lors_fast.models import StudentSpec
+
+    if not spec_json:
+        return {}
+    try:
+        spec = json.loads(spec_json)
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"not valid JSON ({e.msg} at char {e.pos}): {spec_json!r}",
+                                 param_hint="--spec-json") from None
+    if not isinstance(spec, dict):
+        raise click.BadParameter(f"expected a JSON object of StudentSpec fields, got {type(spec).__name__} "
+                                 f"{spec_json!r}", param_hint="--spec-json")
+    try:
+        return StudentSpec.from_dict(spec).to_dict()
+    except (TypeError, ValueError) as e:
+        raise click.BadParameter(f"{spec_json!r} is not a valid StudentSpec: {e}", param_hint="--spec-json") from None
 
 
 def register(group: click.Group) -> None:

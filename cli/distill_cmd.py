@@ -51,7 +51,13 @@ _HELP = {
     "chunk": "TESLA pass 2: run the image branch in micro-batches of this size (activation memory O(chunk), "
              "~20% more time; per-sample encoders only)",
     "ckpt_every": "write an atomic checkpoint every this many iterations",
-    "resume": "checkpoint file or run folder to continue exactly",
+    "resume": "run folder (or its checkpoint) to continue exactly, from any directory: its config.json is the "
+              "config; other options must equal it except --iterations, --threads, --progress, --artifacts, "
+              "--ckpt-every, --expert-cache and the dead-run options",
+    "dead_run_check": "stop (exit 1) when every gradient is 0, or the matching loss exceeds --loss-bound, for "
+                      "--dead-patience iterations; --no-dead-run-check continues anyway",
+    "dead_patience": "consecutive iterations of the dead-run check",
+    "loss_bound": "matching-loss bound of the dead-run check (the loss is ~1 at the start)",
     "expert_cache": "keep expert snapshots in memory (auto: if they fit in 2 GiB) or read them per iteration",
 }
 
@@ -150,6 +156,11 @@ def distill(preset, config_file, eval_runs, eval_epochs, baseline, random_subset
     if (preset is None and config_file is None and "buffer" not in given and "resume" not in given
             and given.get("dataset", "synthetic") == "synthetic"):
         return _main_job(given, eval_runs, eval_epochs, baseline, random_subset, parallel)
+    if "resume" in given:  # the run's stored config is the config (checked against what is given)
+        from lors_fast.engine.distill_config import resume_config
+
+        cfg = resume_config(given.pop("resume"), preset, config_file, **given)
+        return _report(cfg, run(cfg))
     if preset is None and config_file is None:
         preset = "default"
     try:
@@ -160,6 +171,10 @@ def distill(preset, config_file, eval_runs, eval_epochs, baseline, random_subset
         res = run(cfg)
     except DistillDivergedError as e:
         raise click.ClickException(str(e)) from None
+    _report(cfg, res)
+
+
+def _report(cfg, res) -> None:
     last = res.metrics[-1] if res.metrics else {}
     click.echo(f"distilled {cfg.n_pairs} pairs in {res.out} ({len(res.metrics)} iterations); "
                f"final matching loss {last.get('loss', float('nan')):.4f}, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import numbers
 
 import torch
 
@@ -164,6 +165,9 @@ def contrastive_loss(image_features, text_features, logit_scale, target=None, *,
     Returns a 0-dim tensor, differentiable twice in the features, logit_scale, logit_bias and the target.
     """
     _validate(image_features, text_features, target, kind)
+    if kind == "kl" and not (isinstance(kl_temperature, numbers.Real) and not isinstance(kl_temperature, bool)
+                             and math.isfinite(kl_temperature) and kl_temperature > 0):
+        raise ValueError(f"kl_temperature must be a finite number > 0, got {kl_temperature!r}")
     U, V = image_features, text_features
     scale = _check_scalar("logit_scale", logit_scale, U)
     bias = None if logit_bias is None else _check_scalar("logit_bias", logit_bias, U)

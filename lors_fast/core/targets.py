@@ -99,6 +99,15 @@ class LowRankTarget:
         return f"LowRankTarget(n={self.n}, rank={self.rank}, scale={float(self.scale):.4g})"
 
 
+def _positive_int(name: str, v) -> int:
+    """``v`` as a Python int if it is an integer >= 1 (numpy / torch integers too, never a bool)."""
+    import numbers
+
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or int(v) < 1:
+        raise ValueError(f"LowRankSimilarity {name} must be a positive int, got {v!r}")
+    return int(v)
+
+
 class LowRankSimilarity(nn.Module):
     """Learnable S = diag(a) + (α/r)·L·Rᵀ, initialised as the reference: a = 1, L ~ N(0, 1), R = 0 (so S = I).
 
@@ -112,10 +121,7 @@ class LowRankSimilarity(nn.Module):
     def __init__(self, n: int, rank: int, alpha: float = 1.0, *, generator: torch.Generator | None = None,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"LowRankSimilarity n must be a positive int, got {n!r}")
-        if not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"LowRankSimilarity rank must be a positive int, got {rank!r}")
+        n, rank = _positive_int("n", n), _positive_int("rank", rank)
         alpha = float(alpha)
         if not torch.isfinite(torch.tensor(alpha)):
             raise ValueError(f"LowRankSimilarity alpha must be finite, got {alpha!r}")

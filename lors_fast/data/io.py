@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +26,36 @@ __all__ = [
     "load_safetensors_checked",
     "write_json_atomic",
     "read_json_checked",
+    "remove_stale_temps",
+    "check_output_dir",
+    "check_output_file",
 ]
+
+#: temporary files of :func:`atomic_write`: ``.<name>.<random>.tmp`` next to the destination
+TMP_PREFIX, TMP_SUFFIX = ".", ".tmp"
+_TMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (Linux /proc), else by the set-and-restore idiom."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def _plain_open_mode(path: Path) -> int:
+    """The permission bits ``open(path, "w")`` would leave: the existing file's, else 0o666 & ~umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | Callable[[Path], None]) -> Path:
@@ -36,7 +67,8 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[Path], None]) 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    mode = _plain_open_mode(path)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     tmp_path = Path(tmp)
     try:
         if isinstance(data, (bytes, bytearray, memoryview)):
@@ -52,11 +84,78 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[Path], None]) 
         else:
             os.close(fd)
             raise TypeError(f"atomic_write: data must be bytes or a callable, got {type(data).__name__}")
+        os.chmod(tmp_path, mode)  # mkstemp (and some writers) make 0600: give the mode a plain open() would give
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_stale_temps(folder: str | os.PathLike, *, depth: int = 2) -> list[Path]:
+    """Delete :func:`atomic_write` temporaries (``.<name>.<8 chars>.tmp``) left in ``folder`` (and its
+    subfolders down to ``depth``) by a killed writer. Call only while holding the folder's lock."""
+    removed: list[Path] = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        if p.is_dir() and not p.is_symlink() and depth > 0:
+            removed += remove_stale_temps(p, depth=depth - 1)
+        elif p.is_file() and _TMP_RE.match(p.name):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _probe_writable(folder: Path, what: str, value) -> None:
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}probe.", suffix=TMP_SUFFIX, dir=folder)
+    except OSError as e:
+        raise PermissionError(f"{what} {value}: cannot write into {folder} ({e.strerror or e}); "
+                              "expected a writable folder") from e
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "--out") -> Path:
+    """Create the output folder ``path`` if needed and check that files can be written in it.
+
+    Raises ValueError if ``path`` is an existing non-folder, PermissionError (naming it) if it cannot
+    be created or written. Call before any long work so that a bad ``--out`` fails at once.
+    """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{what} {p} is an existing file; expected a folder (or a path to create)")
+    for parent in p.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"{what} {p}: {parent} is a file, not a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PermissionError(f"{what} {p}: cannot create the folder ({e.strerror or e}); "
+                              "expected a writable location") from e
+    _probe_writable(p, what, p)
+    return p
+
+
+def check_output_file(path: str | os.PathLike, what: str = "--out") -> Path:
+    """Check that the file ``path`` can be written (atomically) later: it is not a folder and its folder
+    can be created and written. Raises ValueError / PermissionError naming it."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{what} {p} is an existing folder; expected a file path")
+    for parent in p.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"{what} {p}: {parent} is a file, not a folder")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PermissionError(f"{what} {p}: cannot create its folder ({e.strerror or e})") from e
+    _probe_writable(p.parent, what, p)
+    if p.exists() and not os.access(p, os.W_OK):
+        raise PermissionError(f"{what} {p}: the file exists and is not writable")
+    return p
 
 
 def save_safetensors_atomic(

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from lors_fast.data.datasets import PairDataset, default_cache_dir
 from lors_fast.data.io import load_safetensors_checked, save_safetensors_atomic
 
-__all__ = ["caption_embeddings", "embed_texts", "encoder_key", "load_text_encoder"]
+__all__ = ["caption_embeddings", "embed_texts", "encoder_key", "load_text_encoder", "canonical_encoder"]
 
 Embedder = Callable[[list[str]], torch.Tensor]
 
@@ -58,6 +58,35 @@ def _parse(encoder: str) -> tuple[str, str | None, str | None]:
         f"unknown text encoder {encoder!r}: expected 'minilm', 'hf:<local dir>', 'hf-mean:<local dir>', "
         "'open_clip:<model>:<checkpoint file>' or 'hash:<dim>'"
     )
+
+
+def canonical_encoder(encoder: str) -> str:
+    """``encoder`` with its local paths made absolute (``hf:bert`` -> ``hf:/abs/bert``), so that a store or
+    run records an encoder that means the same from any working directory. Unknown strings pass through."""
+    try:
+        kind, a, b = _parse(encoder)
+    except ValueError:
+        return encoder
+    if kind in ("hf", "hf-mean"):
+        return f"{kind}:{Path(a).expanduser().resolve()}"
+    if kind == "open_clip":
+        return f"open_clip:{a}:{Path(b).expanduser().resolve()}"
+    return encoder
+
+
+def _check_tokenizer(tok, path: str) -> None:
+    """Refuse a tokenizer without a vocabulary of words: transformers builds one of special tokens only from a
+    folder without tokenizer files, and every word then becomes [UNK]."""
+    try:
+        vocab = len(tok.get_vocab())
+    except Exception:  # a tokenizer that cannot list its vocabulary: probe it instead
+        vocab = None
+    special = set(getattr(tok, "all_special_ids", []) or [])
+    if vocab is not None and vocab - len(special) < 1:
+        raise ValueError(f"{path}: no usable tokenizer (its vocabulary holds only the {vocab} special tokens, so "
+                         f"every word becomes {getattr(tok, 'unk_token', None)!r}); expected tokenizer files "
+                         "(tokenizer.json or vocab.txt / vocab.json + merges.txt) in the folder, e.g. from "
+                         "tokenizer.save_pretrained(folder)")
 
 
 def encoder_key(encoder: str) -> str:
@@ -92,6 +121,7 @@ def _hf_embedder(path: str, pooling: str, max_length: int, device: str) -> Embed
         model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: not a loadable transformers model folder ({e})") from e
+    _check_tokenizer(tok, path)
 
     def embed(texts: list[str]) -> torch.Tensor:
         enc = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)

@@ -26,6 +26,7 @@ previous presentation, summed over experts, with the number of presentations
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -111,6 +112,10 @@ class BufferConfig:
 
     def __post_init__(self) -> None:
         e = []
+        if self.eval_split == "none":  # the CLI's spelling of "no final score"
+            self.eval_split = None
+        if isinstance(self.device, str) and self.device.startswith("cuda") and not torch.cuda.is_available():
+            e.append(f"device {self.device!r} requested but CUDA is not available (expected 'cpu')")
         if self.dataset not in DATASETS:
             e.append(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.dataset in ("flickr", "coco"):
@@ -197,7 +202,7 @@ class BufferConfig:
         )
         return StudentSpec(
             image_arch=self.image_arch,
-            image_weights=self.image_weights,
+            image_weights=None if self.image_weights is None else str(Path(self.image_weights).expanduser().resolve()),
             image_size=size,
             text_dim=text_dim,
             text_head=self.text_head,
@@ -406,10 +411,12 @@ def _barrier(world: int) -> None:
 def store_meta(
     cfg: BufferConfig, spec: StudentSpec, train: PairDataset, fi: FlatModel, ft: FlatModel
 ) -> dict:
-    """The store metadata this config produces (compared on resume)."""
+    """The store metadata this config produces (compared on resume); local paths are absolute."""
+    from lors_fast.data.text import canonical_encoder
+
     return {
         "spec": spec.to_dict(),
-        "encoder": cfg.text_encoder,
+        "encoder": canonical_encoder(cfg.text_encoder),
         "dataset": train.fingerprint,
         "dataset_name": train.name,
         "n_train": train.n_images,
@@ -451,17 +458,24 @@ class BufferBuilder:
     the store's index and forgetting statistics). Use as a context manager, or call :meth:`close`."""
 
     def __init__(self, cfg: BufferConfig):
+        from lors_fast.data.io import check_output_dir
         from lors_fast.data.text import caption_embeddings
 
         cfg.check_paths()  # fail at once, before any data or model work
+        check_output_dir(cfg.out, "out (--out)")
         if cfg.image_arch != "convnet" and cfg.image_weights is None:
             log.warning("image_arch %r starts from random init (no --image-weights); the paper used ImageNet "
                         "weights", cfg.image_arch)
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         self.cfg = cfg
+        self._lock = contextlib.ExitStack()
         self.rank, self.world, self._created = _dist_setup()
         try:
+            if self.rank == 0:  # one writer job per store (the ranks of a torchrun job share rank 0's lock)
+                from lors_fast.data.runlock import hold
+
+                self._lock.enter_context(hold(cfg.out, "lors-fast buffer"))
             self._setup(caption_embeddings)
         except BaseException:
             self.close()
@@ -527,7 +541,8 @@ class BufferBuilder:
                 "skipped": skipped, "results": results, "config": asdict(cfg)}
 
     def close(self) -> None:
-        """Leave the process group this stage joined (if it joined one)."""
+        """Release the store's lock and leave the process group this stage joined (if it joined one)."""
+        self._lock.close()
         if self._created:
             import torch.distributed as dist
 

@@ -210,9 +210,22 @@ def run(cfg: CoresetConfig, progress=print) -> dict:
     """Select the coreset on the train split, evaluate it (cfg.eval protocol), write cfg.out (JSON) if set."""
     from lors_fast.data.datasets import load_split
     from lors_fast.data.text import caption_embeddings
-    from lors_fast.engine.evaluate import evaluate_real_subset, format_summary, load_retrieval_set
+    from lors_fast.engine.evaluate import (
+        check_run_setup,
+        evaluate_real_subset,
+        format_summary,
+        load_retrieval_set,
+    )
     from lors_fast.models import StudentSpec
 
+    check_run_setup(cfg.eval.device, cfg.out)
+    if cfg.buffer is not None:
+        root = Path(cfg.buffer)
+        if not root.is_dir():
+            raise FileNotFoundError(f"buffer (--buffer) {root}: trajectory store folder not found")
+        if not (root / "index.json").is_file() and cfg.method != "forgetting":
+            raise FileNotFoundError(f"buffer (--buffer) {root}: no index.json, expected a trajectory store "
+                                    "(from `lors-fast buffer`)")
     kw = dict(root=cfg.data_root, ann_root=cfg.ann_root, cache_dir=cfg.cache_dir)
     ds = load_split(cfg.dataset, "train", **kw)
     emb = caption_embeddings(ds, cfg.text_encoder, cache_dir=cfg.cache_dir)

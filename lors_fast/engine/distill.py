@@ -32,14 +32,19 @@ from lors_fast.data.io import load_safetensors_checked, save_safetensors_atomic,
 from lors_fast.engine.distill_config import DistillConfig
 from lors_fast.engine.tesla import SimSlicer, Student, make_plan, mtt_iteration, tesla_iteration
 
-__all__ = ["DistilledSet", "DistillResult", "DistillDivergedError", "Distiller", "load_distilled", "run",
-           "SCHEMA"]
+__all__ = ["DistilledSet", "DistillResult", "DistillDivergedError", "DistillDeadRunError", "Distiller",
+           "load_distilled", "run", "SCHEMA"]
 
 _PIX_NOISE = ((-0.0626, -0.0221, 0.0680), (1.0451, 1.0752, 1.0539))  # reference --pix_init noise stats
 
 
 class DistillDivergedError(RuntimeError):
-    """A loss or gradient became NaN/inf; the last good checkpoint is kept."""
+    """A loss, gradient or the synthetic set became NaN/inf; the last good checkpoint is kept."""
+
+
+class DistillDeadRunError(RuntimeError):
+    """Every gradient stayed exactly 0, or the matching loss stayed above ``loss_bound``, for
+    ``dead_patience`` iterations (``dead_run_check=False`` continues anyway)."""
 
 
 @dataclass
@@ -54,10 +59,12 @@ class Distiller:
     """State and loop of one run (setup in ``__init__``, :meth:`step`, :meth:`save`, :meth:`run`)."""
 
     def __init__(self, cfg: DistillConfig, *, store=None, dataset=None, caption_emb=None):
+        from lors_fast.data.io import check_output_dir
         from lors_fast.engine.trajectories import TrajectoryStore
         from lors_fast.models import FlatModel, StudentSpec, build_student
 
         self.cfg = cfg
+        check_output_dir(cfg.out, "out (--out)")  # before any data or model work
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
@@ -67,6 +74,8 @@ class Distiller:
         self.out = Path(cfg.out)
         self.store = store if store is not None else TrajectoryStore(cfg.buffer)
         self.spec = StudentSpec.from_dict(self.store.meta["spec"])
+        # the student's parameters come from the trajectories: never read the store's image weight file
+        build_spec = StudentSpec.from_dict({**self.spec.to_dict(), "image_weights": None})
         need = cfg.max_start_epoch - 1 + cfg.expert_epochs
         if need > self.store.epochs:
             raise ValueError(f"max_start_epoch - 1 + expert_epochs = {need} exceeds the store's "
@@ -75,6 +84,8 @@ class Distiller:
         if not self.expert_ids:
             raise ValueError(f"trajectory store {cfg.buffer} holds no finished expert")
         # --- data: real pairs (init) and caption embeddings (init + nearest captions)
+        from lors_fast.data.text import canonical_encoder
+
         self.text_encoder = cfg.text_encoder or self.store.meta.get("encoder")
         if not self.text_encoder:
             raise ValueError(f"the store {cfg.buffer} names no text encoder: set text_encoder (--text-encoder)")
@@ -93,12 +104,13 @@ class Distiller:
             caption_emb = caption_embeddings(dataset, self.text_encoder, cache_dir=cfg.cache_dir)
         self.caption_emb = caption_emb
         if store is None:
-            self.store.check_compatible(encoder=self.text_encoder, dataset=dataset.fingerprint)
+            same = canonical_encoder(self.text_encoder) == canonical_encoder(self.store.meta.get("encoder") or "")
+            self.store.check_compatible(encoder=None if same else self.text_encoder, dataset=dataset.fingerprint)
         if caption_emb.shape[1] != self.spec.text_dim:
             raise ValueError(f"text embeddings are {caption_emb.shape[1]}-d but the student expects "
                              f"text_dim={self.spec.text_dim}")
         # --- student (built once)
-        img, txt = build_student(self.spec, seed=0)
+        img, txt = build_student(build_spec, seed=0)
         self.img_model = FlatModel(img.to(self.device, self.dtype))
         self.txt_model = FlatModel(txt.to(self.device, self.dtype))
         if self.img_model.num_params != self.store.p_img or self.txt_model.num_params != self.store.p_txt:
@@ -111,6 +123,7 @@ class Distiller:
         self.expert_perm = torch.randperm(len(self.expert_ids), generator=self.gen)
         self.expert_pos = 0
         self.iteration = 0
+        self._dead = {"zero": 0, "high": 0}  # consecutive iterations of all-zero gradients / loss > bound
         self._cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._fill_cache()
         if cfg.resume:
@@ -211,6 +224,11 @@ class Distiller:
                      start, target, plan, merge_branches=cfg.merge_loss_branches, **kw)
         except FloatingPointError as e:
             raise DistillDivergedError(f"iteration {it + 1}: {e}; {self._last_good()}") from e
+        except ValueError as e:  # the loss refuses non-finite features: the synthetic set has blown up
+            if "finite" not in str(e):
+                raise
+            raise DistillDivergedError(f"iteration {it + 1}: the run diverged (non-finite student features: {e}); "
+                                       f"lower the learning rates; {self._last_good()}") from e
         grads = {"images": [res.grad_images], "texts": [res.grad_texts],
                  "lrs": [res.grad_lr_img, res.grad_lr_txt], "sim": res.grad_sim}
         metrics = {"iteration": it + 1, "expert": expert, "start_epoch": start_epoch, "loss": res.loss,
@@ -234,9 +252,38 @@ class Distiller:
             with torch.no_grad():
                 self.lr_img.clamp_(min=cfg.clamp_lr)
                 self.lr_txt.clamp_(min=cfg.clamp_lr)
+        bad = self._nonfinite_state()
+        if bad:
+            raise DistillDivergedError(f"iteration {it + 1}: the run diverged (non-finite values in {bad} after the "
+                                       f"update; lower the learning rates); {self._last_good()}")
         self.iteration = it + 1
+        self._check_dead(metrics, grads)
         metrics.update(lr_img=float(self.lr_img.detach()), lr_txt=float(self.lr_txt.detach()), time_s=time.perf_counter() - t0)
         return metrics
+
+    def _nonfinite_state(self) -> list[str]:
+        """Names of the optimised tensors holding NaN/inf (one host sync per iteration, outside the loss)."""
+        return [f"{k}[{j}]" if len(ps) > 1 else k for k, ps in self.groups.items()
+                for j, p in enumerate(ps) if not bool(torch.isfinite(p.detach()).all())]
+
+    def _check_dead(self, metrics: dict, grads: dict) -> None:
+        cfg, it = self.cfg, self.iteration
+        zero = all(metrics[f"grad_norm_{k}"] == 0.0 for k in self.groups)
+        self._dead["zero"] = self._dead["zero"] + 1 if zero else 0
+        self._dead["high"] = self._dead["high"] + 1 if metrics["loss"] > cfg.loss_bound else 0
+        if not cfg.dead_run_check:
+            return
+        if self._dead["zero"] >= cfg.dead_patience:
+            raise DistillDeadRunError(
+                f"iteration {it}: a dead run: every gradient has been exactly 0 for {self._dead['zero']} iterations, "
+                f"so the synthetic set no longer changes (lower the learning rates, e.g. --lr-txt / --lr-img); "
+                f"pass --no-dead-run-check to continue anyway; {self._last_good()}")
+        if self._dead["high"] >= cfg.dead_patience:
+            raise DistillDeadRunError(
+                f"iteration {it}: the matching loss {metrics['loss']:.4g} has exceeded loss_bound={cfg.loss_bound:g} "
+                f"for {self._dead['high']} iterations (it is ~1 at the start: the student lrs or set lrs are too "
+                f"large, e.g. --init-lr-img / --init-lr-txt); pass --no-dead-run-check (or a larger --loss-bound) "
+                f"to continue anyway; {self._last_good()}")
 
     def _project_sim(self) -> None:
         """``sim_constraint="nonneg"``: project every similarity factor onto >= 0, so that S = diag(a) +
@@ -259,7 +306,7 @@ class Distiller:
                 "alpha": cfg.alpha, "sim_constraint": cfg.sim_constraint, "loss": cfg.loss, "temperature": cfg.temperature, "spec": self.spec.to_dict(),
                 "dataset": self.ds.name, "dataset_fingerprint": self.ds.fingerprint,
                 "text_encoder": self.text_encoder, "method": cfg.method, "n_pairs": cfg.n_pairs,
-                "config": cfg.to_dict()}
+                "config": cfg.resolved().to_dict()}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         t = {"image": self.images.detach(), "text": self.texts.detach(), "lr_img": self.lr_img.detach(),
@@ -281,6 +328,9 @@ class Distiller:
         return t
 
     def save(self, path: Path) -> Path:
+        bad = self._nonfinite_state()
+        if bad:  # never overwrite a good checkpoint with a diverged state
+            raise DistillDivergedError(f"not writing {path}: non-finite values in {bad}; {self._last_good()}")
         meta = {"lors_fast": json.dumps(self.info(), sort_keys=True)}
         return save_safetensors_atomic(self.state_tensors(), path, meta)
 
@@ -301,6 +351,16 @@ class Distiller:
         for key in ("similarity", "n_pairs", "method", "loss"):
             if info.get(key) != getattr(self.cfg, key):
                 raise ValueError(f"{path}: checkpoint has {key}={info.get(key)!r}, config {getattr(self.cfg, key)!r}")
+        self._check_resume_config(path, info.get("config") or {})
+        want = {"image": self.images, "text": self.texts}
+        if self.sim is not None:
+            want.update({f"sim.{n}": p for n, p in self.sim.named_parameters()})
+        wrong = [f"{k} {tuple(tensors[k].shape)} (this config: {tuple(p.shape)})" for k, p in want.items()
+                 if k in tensors and tensors[k].shape != p.shape]
+        missing = [k for k in want if k not in tensors]
+        if wrong or missing:
+            raise ValueError(f"{path}: the checkpoint does not fit this config: "
+                             + "; ".join(wrong + [f"missing tensor {k}" for k in missing]))
         with torch.no_grad():
             self.images.copy_(tensors["image"])
             self.texts.copy_(tensors["text"])
@@ -322,6 +382,17 @@ class Distiller:
         self.expert_pos = int(tensors["state.expert_pos"])
         self.iteration = int(tensors["state.iteration"])
 
+    def _check_resume_config(self, path: Path, stored: dict) -> None:
+        """Every option but the few that may change on resume must equal the checkpoint's."""
+        from lors_fast.engine.distill_config import _NOT_COMPARED, RESUME_MAY_CHANGE, _flag, _same
+
+        now = self.cfg.to_dict()
+        skip = set(RESUME_MAY_CHANGE) | set(_NOT_COMPARED) | {"out"}
+        diffs = [f"{_flag(k)} {now[k]!r} (the checkpoint's run has {v!r})" for k, v in stored.items()
+                 if k in now and k not in skip and not _same(k, now[k], v)]
+        if diffs:
+            raise ValueError(f"cannot resume from {path} with changed options: {'; '.join(diffs)}")
+
     def distilled(self) -> DistilledSet:
         sim = None
         if self.sim is not None:
@@ -335,9 +406,15 @@ class Distiller:
 
     # ----- the loop
     def run(self) -> DistillResult:
+        from lors_fast.data.runlock import hold
+
+        with hold(self.out, "lors-fast distill"):
+            return self._run()
+
+    def _run(self) -> DistillResult:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(cfg.to_dict(), self.out / "config.json")
+        write_json_atomic(cfg.resolved().to_dict(), self.out / "config.json")
         metrics_path = self.out / "metrics.jsonl"
         history = self._read_history(metrics_path)
         ckpt = self.out / "checkpoints" / "last.safetensors"
@@ -390,5 +467,12 @@ class Distiller:
 
 
 def run(cfg: DistillConfig, **kwargs) -> DistillResult:
-    """Run (or resume, with ``cfg.resume``) a distillation; returns the final set and the metrics."""
-    return Distiller(cfg, **kwargs).run()
+    """Run (or resume, with ``cfg.resume``) a distillation; returns the final set and the metrics.
+
+    The run folder is locked (:mod:`lors_fast.data.runlock`) before any work: a second writer is refused."""
+    from lors_fast.data.io import check_output_dir
+    from lors_fast.data.runlock import hold
+
+    check_output_dir(cfg.out, "out (--out)")
+    with hold(cfg.out, "lors-fast distill"):
+        return Distiller(cfg, **kwargs).run()

@@ -30,7 +30,8 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-__all__ = ["DistillConfig", "PRESETS", "METHODS", "SIMILARITIES", "INITS", "CLIP_GROUPS", "load_config"]
+__all__ = ["DistillConfig", "PRESETS", "METHODS", "SIMILARITIES", "INITS", "CLIP_GROUPS", "load_config",
+           "RESUME_MAY_CHANGE", "resume_config", "resume_paths"]
 
 METHODS = ("tesla", "mtt")
 SIMILARITIES = ("lowrank", "full", "none")
@@ -103,6 +104,9 @@ class DistillConfig:
     artifacts: bool = True  # PNG grid / heatmap / curves / nearest captions at the end
     progress: bool = True
     threads: int | None = None  # torch.set_num_threads
+    dead_run_check: bool = True  # stop a run whose gradients are all 0 / whose loss exceeds loss_bound
+    dead_patience: int = 3  # ... for this many consecutive iterations
+    loss_bound: float = 100.0  # matching-loss bound of the dead-run check (the loss is ~1 at the start)
 
     def __post_init__(self) -> None:
         self.clip_grad = dict(self.clip_grad or {})
@@ -160,6 +164,8 @@ class DistillConfig:
         if self.threads is not None:
             integer("threads", 1)
         integer("data_seed", 0)
+        integer("dead_patience", 1)
+        real("loss_bound", 0.0)
         if self.n_train is not None and integer("n_train", 1) and self.dataset != "synthetic":
             e.append(f"n_train applies to dataset='synthetic' only, got dataset={self.dataset!r}")
         if self.text_encoder is not None and (not isinstance(self.text_encoder, str) or not self.text_encoder):
@@ -202,6 +208,101 @@ class DistillConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def resolved(self) -> DistillConfig:
+        """A copy whose paths are absolute (what a run folder records, so it resumes from any directory)."""
+        from lors_fast.data.text import canonical_encoder
+
+        over = {k: str(Path(getattr(self, k)).expanduser().resolve())
+                for k in _PATH_FIELDS if getattr(self, k) is not None}
+        if self.text_encoder is not None:
+            over["text_encoder"] = canonical_encoder(self.text_encoder)
+        return dataclasses.replace(self, **over)
+
+
+_PATH_FIELDS = ("buffer", "out", "data_root", "ann_root", "cache_dir", "resume")
+#: options that may differ from the run's stored config on resume (everything else must be equal)
+RESUME_MAY_CHANGE = ("iterations", "threads", "progress", "artifacts", "ckpt_every", "expert_cache",
+                     "dead_run_check", "dead_patience", "loss_bound")
+_NOT_COMPARED = ("resume",)
+
+
+def resume_paths(resume: str | Path) -> tuple[Path, Path]:
+    """(run folder, checkpoint) of ``resume``: a run folder (its checkpoints/last.safetensors) or a checkpoint."""
+    p = Path(resume).expanduser()
+    if p.is_dir():
+        run, ckpt = p, p / "checkpoints" / "last.safetensors"
+    elif p.is_file():
+        ckpt = p
+        run = p.parent.parent if p.parent.name == "checkpoints" else p.parent
+    else:
+        raise FileNotFoundError(f"--resume {resume}: no such run folder or checkpoint file")
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"--resume {resume}: {ckpt} not found (the run wrote no checkpoint yet: "
+                                "start it again without --resume)")
+    return run.resolve(), ckpt.resolve()
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _same(name: str, given, stored) -> bool:
+    if name in _PATH_FIELDS and given is not None and stored is not None:
+        return Path(given).expanduser().resolve() == Path(stored).expanduser().resolve()
+    if name == "text_encoder" and given is not None and stored is not None:
+        from lors_fast.data.text import canonical_encoder
+
+        return canonical_encoder(given) == canonical_encoder(stored)
+    if isinstance(given, (int, float)) and isinstance(stored, (int, float)) and not isinstance(given, bool):
+        return float(given) == float(stored)
+    return given == stored
+
+
+def resume_config(resume: str | Path, preset: str | None = None, config_file: str | Path | None = None,
+                  **given) -> DistillConfig:
+    """The config that continues the run ``resume`` (a run folder or its checkpoint) from any directory.
+
+    The run's stored ``config.json`` is the config. Options in ``given`` (and the values of ``preset`` /
+    ``config_file`` when passed) must equal the stored ones, except :data:`RESUME_MAY_CHANGE`
+    (e.g. ``iterations`` to extend the run); otherwise ValueError lists every differing option.
+    """
+    from lors_fast.data.io import read_json_checked
+
+    run, ckpt = resume_paths(resume)
+    cfg_path = run / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"--resume {resume}: {cfg_path} not found; expected a `lors-fast distill` run folder")
+    stored = read_json_checked(cfg_path)
+    if not isinstance(stored, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object of distill options, got {type(stored).__name__}")
+    known = {f.name for f in fields(DistillConfig)}
+    unknown = sorted(set(stored) - known)
+    if unknown:
+        raise ValueError(f"{cfg_path}: unknown options {unknown} (written by another lors-fast version?)")
+    file_vals = _read_toml(config_file) if config_file is not None else {}
+    preset = given.pop("preset", None) or preset or file_vals.pop("preset", None)
+    file_vals.pop("preset", None)
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"invalid distill config: preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    asked = {**(PRESETS[preset] if preset else {}), **file_vals, **given}
+    bad_keys = sorted(set(asked) - known)
+    if bad_keys:
+        raise ValueError(f"invalid distill config: unknown options {bad_keys}")
+    asked.pop("resume", None)
+    if "out" in asked and not _same("out", asked["out"], str(run)):
+        raise ValueError(f"--out {asked['out']} differs from the run being resumed ({run}); leave --out out "
+                         "(the run continues in its own folder)")
+    asked.pop("out", None)
+    diffs = [f"{_flag(k)} {v!r} (the run has {stored.get(k)!r})" for k, v in asked.items()
+             if k not in RESUME_MAY_CHANGE and k not in _NOT_COMPARED and not _same(k, v, stored.get(k))]
+    if diffs:
+        raise ValueError(f"cannot resume {run} with changed options: {'; '.join(diffs)}. Only "
+                         f"{', '.join(_flag(k) for k in RESUME_MAY_CHANGE)} may change on resume; "
+                         "drop the others (the stored config.json is used) or start a new run with another --out")
+    merged = {**stored, **{k: v for k, v in asked.items() if k in RESUME_MAY_CHANGE}, "out": str(run),
+              "resume": str(ckpt)}
+    return DistillConfig(**merged)
 
 
 _PAPER_COMMON = dict(

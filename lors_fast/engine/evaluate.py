@@ -432,15 +432,30 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def check_run_setup(device: str, out: str | None) -> None:
+    """Entry checks of a stage that trains then writes: the device exists and ``out`` can be written (so a
+    bad path fails before training, not at the final write)."""
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available (expected 'cpu')")
+    if out:
+        from lors_fast.data.io import check_output_file
+
+        check_output_file(out, "out (--out)")
+
+
 def run(cfg: EvalConfig, progress=print) -> dict:
     """Evaluate ``cfg.ckpt`` (ours or the reference's) on ``cfg.dataset``; write ``cfg.out`` if set."""
     from lors_fast.data.importers import load_any_distilled
 
     if cfg.ckpt is None:
         raise ValueError("EvalConfig.ckpt is required by run(): a distilled .safetensors or distilled_*.pt file")
+    check_run_setup(cfg.device, cfg.out)
     d = load_any_distilled(cfg.ckpt)
     meta = d.meta
-    spec = StudentSpec.from_dict(meta["spec"]) if isinstance(meta.get("spec"), dict) else None
+    try:
+        spec = StudentSpec.from_dict(meta["spec"]) if isinstance(meta.get("spec"), dict) else None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{cfg.ckpt}: metadata field 'spec' is not a valid StudentSpec ({e})") from e
     if spec is None:
         spec = StudentSpec(text_dim=int(d.texts.shape[1]), image_size=int(d.images.shape[-1]))
     loss = cfg.loss or meta.get("loss") or "infonce"

@@ -282,6 +282,13 @@ def import_reference_buffers(src: str | Path, root: str | Path, meta: dict) -> T
     unpaired = sorted(set(found["img"]) ^ set(found["txt"]))
     if unpaired:
         raise ValueError(f"{src}: buffer indices {unpaired} have an img or a txt file but not both")
+    from lors_fast.data.runlock import hold
+
+    with hold(root, "lors-fast import-buffer"):  # one writer per store
+        return _import(found, src, root, meta)
+
+
+def _import(found: dict, src: Path, root: str | Path, meta: dict) -> TrajectoryStore:
     store = None
     next_id = 0
     for n in sorted(found["img"]):
