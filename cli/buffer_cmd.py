@@ -73,7 +73,7 @@ from lors_fast.engine.buffer import run as run_buffer
     help="split of each expert's final score [test]",
 )
 @click.option("--seed", type=int, default=None)
-@click.option("--device", default=None, help="cpu | cuda | cuda:N")
+@click.option("--device", default=None, help="auto (CUDA when available, else CPU) | cpu | cuda | cuda:N [auto]")
 @click.option("--threads", type=int, default=None, help="torch threads")
 @click.option("--resume/--no-resume", default=True, show_default=True, help="skip experts already in --out")
 @click.option("--progress/--no-progress", default=True, show_default=True)

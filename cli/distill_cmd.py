@@ -53,6 +53,7 @@ _HELP = {
     "ckpt_every": "write an atomic checkpoint every this many iterations",
     "resume": "checkpoint file or run folder to continue exactly",
     "expert_cache": "keep expert snapshots in memory (auto: if they fit in 2 GiB) or read them per iteration",
+    "device": "auto (CUDA when available, else CPU) | cpu | cuda | cuda:N",
 }
 
 

@@ -101,7 +101,7 @@ class BufferConfig:
     augment: str = "none"  # none | flip | crop_flip
     captions: str = "random"  # random (one per image per epoch) | all (every caption entry)
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # auto: CUDA when available, else CPU (lors_fast.core.device)
     eval_split: str | None = "test"  # split for each expert's final retrieval score; None = skip
     threads: int | None = None  # torch.set_num_threads for this run
     resume: bool = True  # skip experts already in the store
@@ -149,10 +149,10 @@ class BufferConfig:
             e.append(f"eval_split must be 'val', 'test' or None, got {self.eval_split!r}")
         if self.threads is not None and self.threads < 1:
             e.append(f"threads must be >= 1, got {self.threads!r}")
-        try:
-            torch.device(self.device)
-        except (RuntimeError, TypeError):
-            e.append(f"device {self.device!r} is not a torch device")
+        from lors_fast.core.device import check_device
+
+        if (problem := check_device(self.device)) is not None:
+            e.append(problem)
         try:
             self.spec(text_dim=1)
         except ValueError as err:
@@ -287,9 +287,10 @@ def train_expert(
     eval_emb: torch.Tensor | None = None,
 ) -> dict:
     """Train expert ``idx``; returns img/txt trajectories, forgetting counts, metrics and timings."""
+    from lors_fast.core.device import resolve_device
     from lors_fast.core.functional import contrastive_loss
 
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # torchrun: one GPU per rank
     s = expert_seed(cfg.seed, idx)

@@ -60,9 +60,9 @@ class Distiller:
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device={cfg.device!r} requested but CUDA is not available")
-        self.device = torch.device(cfg.device)
+        from lors_fast.core.device import resolve_device
+
+        self.device = resolve_device(cfg.device)  # auto -> cuda when available; cuda without CUDA -> ValueError
         self.dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
         self.out = Path(cfg.out)
         self.store = store if store is not None else TrajectoryStore(cfg.buffer)

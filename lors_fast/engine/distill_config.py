@@ -93,7 +93,7 @@ class DistillConfig:
     # --- engine
     checkpoint: str = "none"  # activation checkpointing: none | torch | deepspeed
     chunk: int | None = None  # TESLA pass 2: image branch in micro-batches of this size (memory O(chunk))
-    device: str = "cpu"
+    device: str = "auto"  # auto: CUDA when available, else CPU (lors_fast.core.device)
     dtype: str = "float32"
     seed: int = 0
     expert_cache: str = "auto"  # auto | memory | disk: keep the needed expert snapshots in memory?
@@ -189,11 +189,10 @@ class DistillConfig:
             e.append(f"chunk applies to method='tesla' only, got method={self.method!r}")
         if self.method == "mtt" and self.checkpoint == "deepspeed":
             e.append("method='mtt' needs checkpoint 'none' or 'torch' (DeepSpeed's checkpoint has no autograd.grad)")
-        if isinstance(self.device, str):
-            if not (self.device == "cpu" or self.device.startswith("cuda")):
-                e.append(f"device must be 'cpu' or 'cuda[:i]', got {self.device!r}")
-        else:
-            e.append(f"device must be a string, got {self.device!r}")
+        from lors_fast.core.device import check_device
+
+        if (problem := check_device(self.device)) is not None:
+            e.append(problem)
         if e:
             raise ValueError("invalid distill config: " + "; ".join(e))
 

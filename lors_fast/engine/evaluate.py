@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lors_fast.core.device import resolve_device
 from lors_fast.core.kinds import KINDS
 from lors_fast.core.targets import FullSimilarity, LowRankSimilarity, LowRankTarget
 from lors_fast.engine.metrics import retrieval_metrics
@@ -58,7 +59,7 @@ class EvalConfig:
     report_best_on_test: bool = False  # also report the reference's best-over-test-evaluations (labelled)
     arch: str | None = None  # image_arch override for cross-architecture evaluation (None = the checkpoint's)
     arch_weights: str | None = None  # local weights for --arch (None = random init)
-    device: str = "cpu"
+    device: str = "auto"  # auto: CUDA when available, else CPU (lors_fast.core.device)
     eval_batch_size: int = 256  # test images per encoder forward
     lr_img: float | None = None  # override the learned lrs (None = use them)
     lr_txt: float | None = None
@@ -101,10 +102,10 @@ class EvalConfig:
         if self.val_split is not None and self.val_split == self.test_split:
             errs.append(f"val_split and test_split must differ (both {self.test_split!r}): selection on test is "
                         "what report_best_on_test is for")
-        try:
-            torch.device(self.device)
-        except (RuntimeError, TypeError):
-            errs.append(f"device must be a torch device string, got {self.device!r}")
+        from lors_fast.core.device import check_device
+
+        if (problem := check_device(self.device)) is not None:
+            errs.append(problem)
         if errs:
             raise ValueError("invalid EvalConfig: " + "; ".join(errs))
 
@@ -195,7 +196,7 @@ def _nhwc(x: torch.Tensor) -> torch.Tensor:
 def _retrieval(img_enc: nn.Module, txt_head: nn.Module, split: RetrievalSet, spec: StudentSpec,
                cfg: EvalConfig) -> dict:
     """Encode a split (images in batches) in eval mode and compute the retrieval metrics."""
-    dev = torch.device(cfg.device)
+    dev = resolve_device(cfg.device)
     modes = (img_enc.training, txt_head.training)
     img_enc.eval()
     txt_head.eval()
@@ -254,7 +255,7 @@ def train_on_synset(spec: StudentSpec, images: torch.Tensor, texts: torch.Tensor
     if cfg.arch is not None:
         spec = StudentSpec.from_dict({**spec.to_dict(), "image_arch": cfg.arch, "image_weights": cfg.arch_weights})
     _check_inputs(spec, images, texts, lr_img, lr_txt, cfg.loss, val, test)
-    dev = torch.device(cfg.device)
+    dev = resolve_device(cfg.device)
     n = images.shape[0]
     x_all = _resize(images.detach().float().to(dev), spec.image_size)
     y_all = texts.detach().float().to(dev)
