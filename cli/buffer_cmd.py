@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 
 import click
 
@@ -79,7 +78,9 @@ from lors_fast.engine.buffer import run as run_buffer
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def buffer(preset, eval_split, **opts):
     """Train expert trajectories into a trajectory store (launch with torchrun to shard experts)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from lors_fast.cli._logging import progress_enabled
+
+    opts["progress"] = progress_enabled(opts["progress"])
     if eval_split is not None:
         opts["eval_split"] = None if eval_split == "none" else eval_split
     try:

@@ -113,7 +113,11 @@ def _main_job(given: dict, eval_runs: int, eval_epochs, baseline: bool, random_s
                             random_subset=random_subset, parallel=parallel, progress=progress, distill=given, **job)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    run_main_job(cfg)
+    record = run_main_job(cfg)
+    click.echo(record["table_markdown"])
+    click.echo(f"\ntotal {record['timings_s']['total']:.0f} s; results: {cfg.out}/results.md (and results.json)")
+    if record["pictures"]:
+        click.echo("pictures:\n  " + "\n  ".join(record["pictures"]))
 
 
 @click.command("distill")
@@ -148,6 +152,10 @@ def distill(preset, config_file, eval_runs, eval_epochs, baseline, random_subset
     given = {k: v for k, v in opts.items() if v is not None}
     if clip is not None:
         given["clip_grad"] = clip
+    from lors_fast.cli._logging import progress_enabled
+
+    if not progress_enabled(given.get("progress", True)):  # bars only on a terminal, never with -q
+        given["progress"] = False
     if (preset is None and config_file is None and "buffer" not in given and "resume" not in given
             and given.get("dataset", "synthetic") == "synthetic"):
         return _main_job(given, eval_runs, eval_epochs, baseline, random_subset, parallel)

@@ -7,6 +7,7 @@ Both commands only parse options into :class:`lors_fast.engine.evaluate.EvalConf
 from __future__ import annotations
 
 import functools
+import logging
 
 import click
 
@@ -76,10 +77,11 @@ def _friendly(f):
 @_friendly
 def eval_command(ckpt, loss, lr_img, lr_txt, **kw):
     """Train fresh networks on a distilled set; report final-epoch and val-selected test retrieval (mean ± std)."""
-    from lors_fast.engine.evaluate import run
+    from lors_fast.engine.evaluate import format_summary, run
 
     cfg = _eval_config(kw, ckpt=ckpt, loss=loss, lr_img=lr_img, lr_txt=lr_txt)
-    run(cfg, progress=click.echo)
+    res = run(cfg, progress=logging.getLogger("lors_fast.cli").info)
+    click.echo(format_summary(res["summary"]))
 
 
 @click.command("coreset")
@@ -96,12 +98,14 @@ def eval_command(ckpt, loss, lr_img, lr_txt, **kw):
 def coreset_command(method, n_pairs, subset_seed, lr, loss, buffer, **kw):
     """Evaluate a coreset baseline (N real pairs) with the same protocol as `eval`."""
     from lors_fast.engine.coreset import CoresetConfig, run
+    from lors_fast.engine.evaluate import format_summary
 
     ecfg = _eval_config({**kw, "dataset": None, "out": None}, loss=loss)
     cfg = CoresetConfig(method=method, n=n_pairs, seed=subset_seed, lr=lr, dataset=kw["dataset"] or "synthetic",
                         buffer=buffer, data_root=kw["data_root"], ann_root=kw["ann_root"], cache_dir=kw["cache_dir"],
                         text_encoder=kw["text_encoder"] or "minilm", out=kw["out"], eval=ecfg)
-    run(cfg, progress=click.echo)
+    res = run(cfg, progress=logging.getLogger("lors_fast.cli").info)
+    click.echo(f"coreset {cfg.method} n={cfg.n} on {res['dataset']}:\n" + format_summary(res["summary"]))
 
 
 def register(group: click.Group) -> None:

@@ -23,6 +23,7 @@ Any (n_cap, d) feature matrix can be passed to :func:`select_pairs` instead.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,8 @@ __all__ = ["METHODS", "CoresetConfig", "select_pairs", "random_pairs", "herding_
            "forgetting_pairs", "load_forgetting_events", "run"]
 
 METHODS = ("random", "herding", "kcenter", "forgetting")
+
+log = logging.getLogger(__name__)
 
 
 def _owners(txt2img, n_img: int) -> torch.Tensor:
@@ -206,7 +209,7 @@ class CoresetConfig:
         return asdict(self)
 
 
-def run(cfg: CoresetConfig, progress=print) -> dict:
+def run(cfg: CoresetConfig, progress=log.info) -> dict:
     """Select the coreset on the train split, evaluate it (cfg.eval protocol), write cfg.out (JSON) if set."""
     from lors_fast.data.datasets import load_split
     from lors_fast.data.text import caption_embeddings
@@ -231,8 +234,8 @@ def run(cfg: CoresetConfig, progress=print) -> dict:
                                progress=progress)
     res.update(method=cfg.method, n=cfg.n, image_idx=img_idx.tolist(), caption_idx=cap_idx.tolist(),
                config=cfg.to_dict(), spec=spec.to_dict(), dataset=ds.name)
-    if progress is not None:
-        progress(f"coreset {cfg.method} n={cfg.n} on {ds.name}:\n" + format_summary(res["summary"]))
+    log.debug("coreset %s n=%d on %s:\n%s", cfg.method, cfg.n, ds.name,
+              format_summary(res["summary"]))  # the CLI prints it
     if cfg.out:
         from lors_fast.data.io import atomic_write
 

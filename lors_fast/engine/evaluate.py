@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +40,8 @@ __all__ = ["EvalConfig", "RetrievalSet", "epoch_batches", "train_on_synset", "ev
            "summarize", "load_retrieval_set", "run"]
 
 METRIC_KEYS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "txt_r_mean", "img_r_mean", "r_mean")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -402,7 +405,7 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: EvalConfig, progress=print) -> dict:
+def run(cfg: EvalConfig, progress=log.info) -> dict:
     """Evaluate ``cfg.ckpt`` (ours or the reference's) on ``cfg.dataset``; write ``cfg.out`` if set."""
     from lors_fast.data.importers import load_any_distilled
 
@@ -427,8 +430,7 @@ def run(cfg: EvalConfig, progress=print) -> dict:
                           progress=progress)
     res.update(ckpt=str(cfg.ckpt), dataset=dataset, loss=loss, text_encoder=encoder, config=ecfg.to_dict(),
                spec=spec.to_dict())
-    if progress is not None:
-        progress(format_summary(res["summary"]))
+    log.debug("%s", format_summary(res["summary"]))  # the CLI prints it
     if cfg.out:
         from lors_fast.data.io import atomic_write
 
