@@ -7,7 +7,6 @@ import logging
 import click
 import pytest
 from click.testing import CliRunner
-
 from lors_fast.cli import _logging, main
 
 
