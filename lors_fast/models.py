@@ -27,8 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from lors_fast.data.io import load_state_dict_file
-
 __all__ = [
     "StudentSpec",
     "ConvNet",
