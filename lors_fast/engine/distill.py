@@ -344,6 +344,7 @@ class Distiller:
         if self.iteration == 0:  # a fresh run replaces any older run's checkpoint in this folder
             self.save(ckpt)
         bar = None
+        tb = make_metrics_writer(cfg.tensorboard) if cfg.tensorboard else None
         if cfg.progress:
             from tqdm.auto import tqdm
 
@@ -355,6 +356,8 @@ class Distiller:
                     history.append(m)
                     mf.write(json.dumps(m) + "\n")
                     mf.flush()
+                    if tb is not None:
+                        log_scalars(tb, m)
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{m['loss']:.4f}", lr_img=f"{m['lr_img']:.3g}")
@@ -363,6 +366,8 @@ class Distiller:
         finally:
             if bar is not None:
                 bar.close()
+            if tb is not None:
+                tb.close()
         final = self.save(self.out / "distilled.safetensors")
         result = DistillResult(self.distilled(), history, self.out, final)
         if cfg.artifacts:
@@ -387,6 +392,24 @@ class Distiller:
 
         atomic_write(path, "".join(json.dumps(m) + "\n" for m in keep).encode("utf-8"))
         return keep
+
+
+def make_metrics_writer(logdir: str):
+    """A ``torch.utils.tensorboard.SummaryWriter`` writing event files into ``logdir`` (needs tensorboard)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ValueError(f"--tensorboard {logdir}: needs the tensorboard package ({e}); pip install tensorboard") \
+            from None
+    return SummaryWriter(log_dir=str(logdir))
+
+
+def log_scalars(writer, metrics: dict) -> None:
+    """Every number of one metrics.jsonl record as a TensorBoard scalar ``distill/<field>`` at its iteration."""
+    step = int(metrics["iteration"])
+    for k, v in metrics.items():
+        if k != "iteration" and isinstance(v, (int, float)) and not isinstance(v, bool):
+            writer.add_scalar(f"distill/{k}", float(v), step)
 
 
 def run(cfg: DistillConfig, **kwargs) -> DistillResult:

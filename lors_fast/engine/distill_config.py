@@ -44,6 +44,13 @@ DATASETS = ("synthetic", "flickr", "coco")
 DTYPES = ("float32", "float64")
 
 
+def tensorboard_available() -> bool:
+    """Whether the ``tensorboard`` package (which ``torch.utils.tensorboard`` needs) is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
 @dataclass
 class DistillConfig:
     """Options of one distillation run (names follow the reference's flags where one exists)."""
@@ -103,6 +110,7 @@ class DistillConfig:
     artifacts: bool = True  # PNG grid / heatmap / curves / nearest captions at the end
     progress: bool = True
     threads: int | None = None  # torch.set_num_threads
+    tensorboard: str | None = None  # also log every metrics.jsonl number to TensorBoard event files here
 
     def __post_init__(self) -> None:
         self.clip_grad = dict(self.clip_grad or {})
@@ -193,6 +201,9 @@ class DistillConfig:
 
         if (problem := check_device(self.device)) is not None:
             e.append(problem)
+        if self.tensorboard is not None and not tensorboard_available():
+            e.append(f"tensorboard={self.tensorboard!r} needs the tensorboard package, which is not installed "
+                     "(pip install tensorboard)")
         if e:
             raise ValueError("invalid distill config: " + "; ".join(e))
 
