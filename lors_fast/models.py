@@ -84,10 +84,12 @@ class StudentSpec:
             raise ValueError("invalid StudentSpec: " + "; ".join(errors))
 
     def to_dict(self) -> dict:
+        """The spec as a plain dict (what stores and checkpoints record)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> StudentSpec:
+        """The spec from :meth:`to_dict`'s dict; ValueError naming unknown keys."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -114,6 +116,7 @@ class ConvNet(nn.Module):
         self.out_dim = width * (image_size // 2**depth) ** 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Flattened features (B, width·(size/2^depth)²) of images ``x`` (B, 3, size, size)."""
         return self.features(x).flatten(1)
 
 
@@ -128,6 +131,7 @@ class ProjectionHead(nn.Module):
         self.layer_norm = nn.LayerNorm(d_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """LayerNorm(dropout(fc(gelu(p))) + p) with p = projection(x)."""
         p = self.projection(x)
         u = self.dropout(self.fc(F.gelu(p)))
         return self.layer_norm(u + p)
@@ -321,13 +325,16 @@ class FlatModel:
 
     # --- module state ---
     def train(self, mode: bool = True) -> FlatModel:
+        """Set the module's train mode; returns self."""
         self.module.train(mode)
         return self
 
     def eval(self) -> FlatModel:
+        """Set the module's eval mode; returns self."""
         return self.train(False)
 
     def to(self, device: torch.device | str) -> FlatModel:
+        """Move the module to ``device``; returns self."""
         self.module.to(device)
         return self
 

@@ -191,6 +191,8 @@ class BufferConfig:
             raise FileNotFoundError("; ".join(missing))
 
     def spec(self, text_dim: int) -> StudentSpec:
+        """The student network (:class:`~lors_fast.models.StudentSpec`) the experts train, for captions of
+        width ``text_dim``."""
         size = (
             self.image_size if self.image_size is not None else (32 if self.dataset == "synthetic" else 224)
         )

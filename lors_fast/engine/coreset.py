@@ -62,6 +62,8 @@ def _random_caption(img_idx: torch.Tensor, img2txt, gen: torch.Generator) -> tor
 
 
 def random_pairs(n: int, img2txt, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` images drawn uniformly without replacement (seeded), each with one random caption of its own;
+    returns (image indices, caption indices)."""
     _check_n(n, len(img2txt))
     gen = torch.Generator().manual_seed(seed)
     img = torch.randperm(len(img2txt), generator=gen)[:n]
@@ -206,6 +208,7 @@ class CoresetConfig:
             raise ValueError("invalid CoresetConfig: " + "; ".join(errs))
 
     def to_dict(self) -> dict:
+        """The config as a plain dict (JSON-serialisable)."""
         return asdict(self)
 
 

@@ -191,6 +191,8 @@ class Distiller:
         return e, start_epoch
 
     def loss_fn(self, f, h, target):
+        """The student's contrastive loss of image features ``f`` and text features ``h`` against ``target``
+        (the configured kind and backend)."""
         from lors_fast.core.functional import contrastive_loss
 
         return contrastive_loss(f, h, self.student.logit_scale, target, kind=self.cfg.loss,
@@ -198,6 +200,8 @@ class Distiller:
 
     # ----- one iteration
     def step(self) -> dict:
+        """One distillation iteration (one expert segment matched, one optimiser step); returns its
+        metrics.jsonl record."""
         cfg, t0 = self.cfg, time.perf_counter()
         it = self.iteration
         expert, start_epoch = self._next_expert()
@@ -254,6 +258,8 @@ class Distiller:
 
     # ----- checkpoints
     def info(self) -> dict:
+        """The run's metadata stored in every checkpoint (schema, similarity, spec, dataset, encoder, config,
+        ...)."""
         cfg = self.cfg
         return {"schema": SCHEMA, "iteration": self.iteration, "similarity": cfg.similarity, "rank": cfg.rank,
                 "alpha": cfg.alpha, "sim_constraint": cfg.sim_constraint, "loss": cfg.loss, "temperature": cfg.temperature, "spec": self.spec.to_dict(),
@@ -262,6 +268,8 @@ class Distiller:
                 "config": cfg.to_dict()}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor a resume needs: the set, the lrs, the similarity, momentum buffers, RNG states, the
+        expert schedule position."""
         t = {"image": self.images.detach(), "text": self.texts.detach(), "lr_img": self.lr_img.detach(),
              "lr_txt": self.lr_txt.detach()}
         if self.sim is not None:
@@ -281,6 +289,8 @@ class Distiller:
         return t
 
     def save(self, path: Path) -> Path:
+        """Write the current state atomically to ``path`` (safetensors, :meth:`info` as metadata); returns the
+        path."""
         meta = {"lors_fast": json.dumps(self.info(), sort_keys=True)}
         return save_safetensors_atomic(self.state_tensors(), path, meta)
 
@@ -293,6 +303,8 @@ class Distiller:
         return p
 
     def load_checkpoint(self, path: Path) -> None:
+        """Restore the state saved by :meth:`save` from ``path``; ValueError when it belongs to another
+        configuration."""
         tensors, meta = load_safetensors_checked(path)
         missing = [k for k in ("image", "text", "lr_img", "lr_txt", "rng.gen", "state.iteration") if k not in tensors]
         if missing:
@@ -323,6 +335,7 @@ class Distiller:
         self.iteration = int(tensors["state.iteration"])
 
     def distilled(self) -> DistilledSet:
+        """The current synthetic set as a :class:`DistilledSet` (float32, CPU copies)."""
         sim = None
         if self.sim is not None:
             sim = _similarity_from(self.cfg.similarity, self.cfg.n_pairs, self.cfg.rank, self.cfg.alpha,
@@ -335,6 +348,8 @@ class Distiller:
 
     # ----- the loop
     def run(self) -> DistillResult:
+        """Iterate up to ``cfg.iterations`` (metrics.jsonl, checkpoints, optional TensorBoard), save the final
+        set and the artifacts."""
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(cfg.to_dict(), self.out / "config.json")

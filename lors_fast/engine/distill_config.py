@@ -208,9 +208,11 @@ class DistillConfig:
             raise ValueError("invalid distill config: " + "; ".join(e))
 
     def replace(self, **overrides) -> DistillConfig:
+        """A copy with ``overrides`` applied (validated again)."""
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict:
+        """The config as a plain dict (JSON-serialisable)."""
         return dataclasses.asdict(self)
 
 

@@ -113,6 +113,7 @@ class EvalConfig:
             raise ValueError("invalid EvalConfig: " + "; ".join(errs))
 
     def to_dict(self) -> dict:
+        """The config as a plain dict (JSON-serialisable)."""
         return asdict(self)
 
 
