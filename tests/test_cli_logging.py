@@ -67,6 +67,7 @@ def test_progress_only_on_a_terminal_and_never_quiet(probe, monkeypatch):
     assert "progress=False" in _run("-q").stdout
 
 
+@pytest.mark.filterwarnings("ignore:Cannot enable progress bars")
 def test_third_party_bars_silenced(monkeypatch):
     pytest.importorskip("transformers")
     from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
