@@ -50,7 +50,10 @@ def test_public_api_has_docstrings():
 
 
 def test_license_py_typed_and_metadata():
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the declared tomli
+        import tomli as tomllib
 
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert meta["project"]["license"] == "MIT" and "MIT License" in (ROOT / "LICENSE").read_text()
