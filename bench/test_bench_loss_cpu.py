@@ -5,10 +5,13 @@ Cases: N ∈ {1024, 4096, 8192}, d = 256, r = 10, kinds infonce and wbce with a 
 (gradients with create_graph=True, then the gradient of a random linear function of them: the double
 backward the distillation engine runs).
 
-Timing: ``pytest bench --benchmark-only`` times each case in-process with pytest-benchmark; the peak memory
-of the case is measured in a fresh subprocess (this file run as a worker): VmHWM of /proc/self/status,
-reset through /proc/self/clear_refs after the inputs exist, so the number is the increase of the peak
-resident set caused by the loss alone. Both go into ``benchmark.extra_info``.
+Timing: ``pytest bench --benchmark-only`` times each case in-process with pytest-benchmark (N = 1024 by
+default; N = 4096 and 8192 with ``--bench-full``); the peak memory of one call is measured in the same process
+(bench/conftest.py: VmHWM of /proc/self/status, reset through /proc/self/clear_refs after the inputs exist, so
+the number is the increase of the peak resident set caused by the loss alone), and TFLOP/s follow the FLOP
+model 2·N²·(d+r) for the forward and 8·N²·(d+r) for forward+backward (KERNELS.md; none for the double
+backward). All go into ``benchmark.extra_info`` and the terminal table. The report below measures memory in a
+fresh subprocess per case (this file run as a worker).
 
 Side-by-side report (both backends of each case timed in one run, each in its own subprocess):
 
@@ -34,6 +37,7 @@ import torch
 
 D, RANK = 256, 10
 SIZES = (1024, 4096, 8192)
+QUICK_SIZES = (1024,)  # the default `pytest bench` selection; the rest are marked bench_full
 KINDS = ("infonce", "wbce")
 BACKENDS = ("streaming", "reference")
 MODES = ("fwd", "fwdbwd", "dbl")
@@ -150,19 +154,21 @@ if pytest is not None:
     @pytest.mark.parametrize("mode", MODES)
     @pytest.mark.parametrize("backend", BACKENDS)
     @pytest.mark.parametrize("kind", KINDS)
-    @pytest.mark.parametrize("n", SIZES)
-    def test_loss_cpu(benchmark, n, kind, backend, mode):
+    @pytest.mark.parametrize("n", [n if n in QUICK_SIZES else pytest.param(n, marks=pytest.mark.bench_full)
+                                   for n in SIZES])
+    def test_loss_cpu(benchmark, peak_mib, n, kind, backend, mode):
         benchmark.group = f"loss-cpu N={n} {kind} {mode}"
         run = make_case(n, kind, backend, mode)
         rounds = 1 if n >= 8192 else 3
         benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=0 if n >= 8192 else 1)
-        mem = run_worker(n, kind, backend, mode, reps=1)
+        flops = {"fwd": 2, "fwdbwd": 8}.get(mode)
         benchmark.extra_info.update({
             "N": n, "d": D, "r": RANK, "kind": kind, "backend": backend, "mode": mode,
-            "peak_increase_MiB": round(mem["peak_increase_bytes"] / 2**20, 1),
-            "subprocess_time_s": round(mem["times_s"][0], 3), "threads": mem["threads"],
+            "peak_MiB": peak_mib(run), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
         })
+        if flops:
+            benchmark.extra_info["flops"] = flops * n * n * (D + RANK)
 
 
 # ----------------------------------------------------------------------------------------------------

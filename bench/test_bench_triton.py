@@ -126,10 +126,12 @@ def test_fwd_bwd(benchmark, N, d, dtype, kind, lowrank, provider):
     torch.cuda.synchronize()
     r = 10 if lowrank else 0
     ms = q["ms"]
+    benchmark.group = f"fwd+bwd N={N} d={d} {dtype} {kind}-{'lowrank' if lowrank else 'identity'}"  # providers side by side
     benchmark.extra_info.update(
         gpu=torch.cuda.get_device_name(), provider=provider, N=N, d=d, r=r, dtype=dtype, ms_median=ms[0],
-        ms_p20=ms[1], ms_p80=ms[2], tflops_model=8.0 * N * N * (d + r) / ms[0] / 1e9,
-        peak_mib=(torch.cuda.max_memory_allocated() - base) / 2**20)
+        ms_p20=ms[1], ms_p80=ms[2], tflops_model=8.0 * N * N * (d + r) / ms[0] / 1e9, flops=8.0 * N * N * (d + r),
+        peak_mib=(torch.cuda.max_memory_allocated() - base) / 2**20,
+        peak_MiB=(torch.cuda.max_memory_allocated() - base) / 2**20)
 
 
 @pytest.mark.parametrize("kind,lowrank", [("infonce", False), ("wbce", True)], ids=["infonce", "wbce-lowrank"])
@@ -149,8 +151,15 @@ def test_double_backward_8192(benchmark, kind, lowrank, provider):
 
     step()
     q = {}
+    benchmark.group = f"double backward N=8192 d=512 bf16 {kind}{'-lowrank' if lowrank else ''}"
     benchmark.pedantic(lambda: q.update(ms=tt.do_bench(step, warmup=5, rep=50, quantiles=[0.5, 0.2, 0.8])),
                        rounds=1, iterations=1)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    benchmark.extra_info["peak_MiB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
     benchmark.extra_info.update(gpu=torch.cuda.get_device_name(), provider=provider, ms_median=q["ms"][0],
                                 ms_p20=q["ms"][1], ms_p80=q["ms"][2], mode="fwd+bwd+double-bwd", N=8192, d=512)
 
@@ -161,6 +170,8 @@ def test_matmul_ceiling(benchmark):
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     q = {}
+    benchmark.group = "bf16 matmul 8192^3 (ceiling)"
     benchmark.pedantic(lambda: q.update(ms=tt.do_bench(lambda: a @ b, warmup=10, rep=100)), rounds=1, iterations=1)
+    benchmark.extra_info.update(ms_median=q["ms"], flops=2 * 8192**3)
     benchmark.extra_info.update(gpu=torch.cuda.get_device_name(), bf16_tflops=2 * 8192**3 / q["ms"] / 1e9,
                                 note=f"{math.nan if q['ms'] is None else q['ms']:.3f} ms per 8192³ bf16 matmul")

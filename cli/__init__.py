@@ -17,7 +17,9 @@ _STAGES = ("buffer_cmd", "distill_cmd", "eval_cmd", "tune_cmd")
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="lors-fast")
-def main():
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (DEBUG, with timestamps and logger names).")
+@click.option("-q", "--quiet", count=True, help="Less log output: warnings only (-qq: errors only); no progress bars.")
+def main(verbose, quiet):
     """lors-fast: LoRS multimodal dataset distillation and fused contrastive losses.
 
     \b
@@ -27,7 +29,14 @@ def main():
              coreset -> random / herding / k-center / forgetting baselines
     Kernels: tune-kernels -> time the fused Triton kernels' launch configs on this GPU, keep the fastest
     On the embedded default dataset `lors-fast distill --rank 10` runs the whole pipeline.
+    Logs and progress bars go to stderr (bars only on a terminal); results go to stdout.
     """
+    from lors_fast.cli._logging import setup_logging
+
+    try:
+        setup_logging(verbose, quiet)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
 
 
 main.add_command(env)

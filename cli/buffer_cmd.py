@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 
 import click
 
@@ -19,46 +18,52 @@ from lors_fast.engine.buffer import run as run_buffer
     show_default=True,
     help="defaults for the run; every option below overrides it",
 )
-@click.option("--dataset", type=click.Choice(["synthetic", "flickr", "coco"]), default=None)
-@click.option("--root", type=click.Path(file_okay=False), default=None, help="image folder (flickr/coco)")
+@click.option("--dataset", type=click.Choice(["synthetic", "flickr", "coco"]), default=None,
+              help="dataset of the real pairs [preset]")
+@click.option("--data-root", "root", type=click.Path(path_type=str, file_okay=False), default=None,
+              help="image folder (flickr/coco)")
+@click.option("--root", "root_alias", type=click.Path(path_type=str, file_okay=False), default=None, hidden=True,
+              help="old name of --data-root")
 @click.option(
-    "--ann-root", type=click.Path(file_okay=False), default=None, help="Karpathy JSON folder (flickr/coco)"
+    "--ann-root", type=click.Path(path_type=str, file_okay=False), default=None, help="Karpathy JSON folder (flickr/coco)"
 )
 @click.option(
     "--out",
-    type=click.Path(file_okay=False),
+    type=click.Path(path_type=str, file_okay=False),
     default="runs/buffer",
     show_default=True,
     help="trajectory store folder",
 )
 @click.option(
     "--cache-dir",
-    type=click.Path(file_okay=False),
+    type=click.Path(path_type=str, file_okay=False),
     default=None,
     help="image/text caches [$LORS_FAST_CACHE or ~/.cache/lors_fast]",
 )
 @click.option("--experts", type=int, default=None, help="number of experts [preset]")
 @click.option("--epochs", type=int, default=None, help="epochs per expert [preset]")
-@click.option("--batch-size", type=int, default=None)
+@click.option("--batch-size", type=int, default=None, help="expert minibatch size [preset]")
 @click.option("--lr-img", type=float, default=None, help="SGD lr of the image encoder [0.1]")
 @click.option("--lr-txt", type=float, default=None, help="SGD lr of the text head [0.1]")
-@click.option("--momentum", type=float, default=None)
-@click.option("--weight-decay", type=float, default=None)
+@click.option("--momentum", type=float, default=None, help="SGD momentum of both branches [0]")
+@click.option("--weight-decay", type=float, default=None, help="SGD weight decay of both branches [0]")
 @click.option("--image-arch", default=None, help="convnet | timm name (nfnet_l0, ...) | open_clip:<model>")
 @click.option(
     "--image-weights",
-    type=click.Path(dir_okay=False),
+    type=click.Path(path_type=str, dir_okay=False),
     default=None,
     help="local checkpoint (none = random init)",
 )
-@click.option("--image-size", type=int, default=None)
+@click.option("--image-size", type=int, default=None, help="image side in pixels the experts train at [preset]")
 @click.option(
     "--text-encoder",
     default=None,
     help="minilm | hf:<dir> | hf-mean:<dir> | open_clip:<model>:<ckpt> | hash:<dim>",
 )
-@click.option("--text-head", type=click.Choice(["linear", "projection"]), default=None)
-@click.option("--augment", type=click.Choice(["none", "flip", "crop_flip"]), default=None)
+@click.option("--text-head", type=click.Choice(["linear", "projection"]), default=None,
+              help="text branch on the frozen caption embeddings [preset]")
+@click.option("--augment", type=click.Choice(["none", "flip", "crop_flip"]), default=None,
+              help="image augmentation of the expert training [none]")
 @click.option(
     "--captions",
     type=click.Choice(["random", "all"]),
@@ -72,14 +77,20 @@ from lors_fast.engine.buffer import run as run_buffer
     default=None,
     help="split of each expert's final score [test]",
 )
-@click.option("--seed", type=int, default=None)
-@click.option("--device", default=None, help="cpu | cuda | cuda:N")
+@click.option("--seed", type=int, default=None, help="seed of the experts (expert i uses a seed derived from it) [0]")
+@click.option("--device", default=None, help="auto (CUDA when available, else CPU) | cpu | cuda | cuda:N [auto]")
 @click.option("--threads", type=int, default=None, help="torch threads")
 @click.option("--resume/--no-resume", default=True, show_default=True, help="skip experts already in --out")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="progress bars on stderr (only on a terminal)")
 def buffer(preset, eval_split, **opts):
     """Train expert trajectories into a trajectory store (launch with torchrun to shard experts)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from lors_fast.cli._logging import progress_enabled
+
+    opts["progress"] = progress_enabled(opts["progress"])
+    alias = opts.pop("root_alias")
+    if opts["root"] is None:
+        opts["root"] = alias
     if eval_split is not None:
         opts["eval_split"] = eval_split  # "none" is understood by BufferConfig (None would mean "the preset's")
     try:
@@ -92,8 +103,8 @@ def buffer(preset, eval_split, **opts):
 
 
 @click.command("import-buffer")
-@click.argument("src", type=click.Path(file_okay=False))
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("src", type=click.Path(path_type=str, file_okay=False))
+@click.argument("out", type=click.Path(path_type=str, file_okay=False))
 @click.option(
     "--spec-json", default=None, help="StudentSpec of the trajectories, as JSON (recorded in the store)"
 )

@@ -59,7 +59,43 @@ _HELP = {
     "dead_patience": "consecutive iterations of the dead-run check",
     "loss_bound": "matching-loss bound of the dead-run check (the loss is ~1 at the start)",
     "expert_cache": "keep expert snapshots in memory (auto: if they fit in 2 GiB) or read them per iteration",
+    "device": "auto (CUDA when available, else CPU) | cpu | cuda | cuda:N",
+    "tensorboard": "also write every metrics.jsonl number as TensorBoard scalars into this folder (needs the "
+                   "tensorboard package)",
 }
+_HELP.update({
+    "dataset": "dataset of the real pairs (initialisation, nearest captions); must be the buffer's",
+    "data_root": "image folder of flickr / coco",
+    "ann_root": "folder of the Karpathy JSON annotations (flickr / coco)",
+    "cache_dir": "image and text-embedding caches ($LORS_FAST_CACHE or ~/.cache/lors_fast when not given)",
+    "text_encoder": "caption encoder (minilm | hf:<dir> | hf-mean:<dir> | open_clip:<model>:<ckpt> | hash:<dim>); "
+                    "not given: the buffer's",
+    "n_train": "synthetic only: train-split size (not given: the buffer's)",
+    "data_seed": "synthetic only: rendering seed of the dataset (must match the buffer's)",
+    "pix_init": "initial synthetic images: real (random real images) or noise",
+    "txt_init": "initial synthetic text embeddings: real (their captions' embeddings) or noise",
+    "expert_epochs": "expert epochs M the student must match per iteration",
+    "max_start_epoch": "expert start epochs are drawn from 0..this-1",
+    "iterations": "distillation iterations",
+    "merge_loss_branches": "one matching loss over both branches instead of image + text",
+    "rank": "rank r of the low-rank similarity",
+    "alpha": "scale alpha of the low-rank term (alpha/rank) L R^T",
+    "loss_backend": "contrastive-loss backend: auto (triton on CUDA, else streaming), reference, streaming, triton",
+    "temperature": "student logit temperature (logits = cos / T)",
+    "momentum_syn": "SGD momentum of the synthetic images and texts",
+    "momentum_lr": "SGD momentum of the learnable student lrs",
+    "momentum_sim": "SGD momentum of the similarity factors",
+    "dtype": "dtype of the synthetic set and the student",
+    "seed": "seed of the initialisation and of the expert / minibatch draws",
+    "artifacts": "write images.png, similarity.png, curves.png and nearest_captions.json at the end",
+    "progress": "progress bar on stderr (only on a terminal)",
+    "threads": "torch CPU threads (not given: torch's default)",
+})
+#: DistillConfig fields that are paths (click.Path; folders unless a file is allowed)
+_PATHS = {"buffer": click.Path(path_type=str, file_okay=False), "out": click.Path(path_type=str, file_okay=False),
+          "data_root": click.Path(path_type=str, file_okay=False), "ann_root": click.Path(path_type=str, file_okay=False),
+          "cache_dir": click.Path(path_type=str, file_okay=False), "resume": click.Path(path_type=str),
+          "tensorboard": click.Path(path_type=str, file_okay=False)}
 
 
 def _parse_clip(values: tuple[str, ...]) -> dict[str, float] | None:
@@ -91,14 +127,15 @@ def _options(fn):
         t = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else None
         in_preset = any(f.name in p for p in PRESETS.values())
-        help_ = _HELP.get(f.name, "") + f" [default: {default!r}{', or the preset' if in_preset else ''}]"
+        help_ = _HELP.get(f.name, "") + (f" [default: {default!r}{', or the preset' if in_preset else ''}]"
+                                         if default is not None else " [default: the preset's]" if in_preset else "")
         if t is bool:
             fn = click.option(f"{flag}/--no-{f.name.replace('_', '-')}", f.name, default=None, help=help_)(fn)
         elif f.name in _CHOICES:
             fn = click.option(flag, f.name, type=click.Choice(_CHOICES[f.name]), default=None, help=help_)(fn)
         else:
             base = typing.get_args(t)[0] if typing.get_args(t) else t
-            ptype = {int: int, float: float}.get(base, str)
+            ptype = _PATHS.get(f.name) or {int: int, float: float}.get(base, str)
             fn = click.option(flag, f.name, type=ptype, default=None, help=help_)(fn)
     return fn
 
@@ -118,13 +155,17 @@ def _main_job(given: dict, eval_runs: int, eval_epochs, baseline: bool, random_s
                             random_subset=random_subset, parallel=parallel, progress=progress, distill=given, **job)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    run_main_job(cfg)
+    record = run_main_job(cfg)
+    click.echo(record["table_markdown"])
+    click.echo(f"\ntotal {record['timings_s']['total']:.0f} s; results: {cfg.out}/results.md (and results.json)")
+    if record["pictures"]:
+        click.echo("pictures:\n  " + "\n  ".join(record["pictures"]))
 
 
 @click.command("distill")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
               help="default: embedded CPU recipe; flickr-/coco-100/200/500: the paper's scripts")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+@click.option("--config", "config_file", type=click.Path(path_type=str, dir_okay=False), default=None,
               help="TOML file of options (keys = option names with underscores; may set preset)")
 @click.option("--eval-runs", type=click.IntRange(1), default=3, show_default=True,
               help="main job only: evaluation seeds per set")
@@ -153,6 +194,10 @@ def distill(preset, config_file, eval_runs, eval_epochs, baseline, random_subset
     given = {k: v for k, v in opts.items() if v is not None}
     if clip is not None:
         given["clip_grad"] = clip
+    from lors_fast.cli._logging import progress_enabled
+
+    if not progress_enabled(given.get("progress", True)):  # bars only on a terminal, never with -q
+        given["progress"] = False
     if (preset is None and config_file is None and "buffer" not in given and "resume" not in given
             and given.get("dataset", "synthetic") == "synthetic"):
         return _main_job(given, eval_runs, eval_epochs, baseline, random_subset, parallel)

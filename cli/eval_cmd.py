@@ -7,6 +7,7 @@ Both commands only parse options into :class:`lors_fast.engine.evaluate.EvalConf
 from __future__ import annotations
 
 import functools
+import logging
 
 import click
 
@@ -14,24 +15,29 @@ _PROTOCOL = [
     click.option("--runs", type=int, default=5, show_default=True, help="fresh networks (seeds seed..seed+runs-1)"),
     click.option("--seed", "eval_seed", type=int, default=0, show_default=True, help="first network seed"),
     click.option("--epochs", type=int, default=100, show_default=True, help="training epochs on the set"),
-    click.option("--batch-size", type=int, default=128, show_default=True),
-    click.option("--momentum", type=float, default=0.9, show_default=True),
-    click.option("--weight-decay", type=float, default=5e-4, show_default=True),
+    click.option("--batch-size", type=int, default=128, show_default=True, help="training minibatch size"),
+    click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum"),
+    click.option("--weight-decay", type=float, default=5e-4, show_default=True, help="SGD weight decay"),
     click.option("--lr-decay", type=float, default=0.1, show_default=True, help="lr factor at the midpoint"),
-    click.option("--temperature", type=float, default=0.07, show_default=True),
+    click.option("--temperature", type=float, default=0.07, show_default=True,
+                 help="logit temperature of the training loss and the retrieval"),
     click.option("--eval-every", type=int, default=10, show_default=True, help="val evaluation every k epochs"),
     click.option("--arch", default=None, help="image architecture override (cross-architecture), e.g. a timm name"),
-    click.option("--arch-weights", default=None, type=click.Path(dir_okay=False), help="local weights for --arch"),
-    click.option("--device", default="cpu", show_default=True),
+    click.option("--arch-weights", default=None, type=click.Path(path_type=str, dir_okay=False), help="local weights for --arch"),
+    click.option("--device", default="auto", show_default=True,
+                 help="auto (CUDA when available, else CPU) | cpu | cuda | cuda:N"),
     click.option("--no-val", is_flag=True, help="no val split: report the final epoch only"),
     click.option("--report-best-on-test", is_flag=True,
                  help="also report the reference's best-over-TEST-evaluations number (labelled; optimistic)"),
-    click.option("--dataset", type=click.Choice(["synthetic", "flickr", "coco"]), default=None),
-    click.option("--data-root", default=None, type=click.Path(file_okay=False)),
-    click.option("--ann-root", default=None, type=click.Path(file_okay=False)),
-    click.option("--cache-dir", default=None, type=click.Path(file_okay=False)),
+    click.option("--dataset", type=click.Choice(["synthetic", "flickr", "coco"]), default=None,
+                 help="dataset to train and test on (default: the checkpoint's; coreset: synthetic)"),
+    click.option("--data-root", default=None, type=click.Path(path_type=str, file_okay=False), help="image folder (flickr/coco)"),
+    click.option("--ann-root", default=None, type=click.Path(path_type=str, file_okay=False),
+                 help="folder of the Karpathy JSON annotations (flickr/coco)"),
+    click.option("--cache-dir", default=None, type=click.Path(path_type=str, file_okay=False),
+                 help="image / text-embedding caches (default: $LORS_FAST_CACHE or ~/.cache/lors_fast)"),
     click.option("--text-encoder", default=None, help="caption encoder (default: the checkpoint's, else minilm)"),
-    click.option("--out", default=None, type=click.Path(dir_okay=False), help="write all results as JSON"),
+    click.option("--out", default=None, type=click.Path(path_type=str, dir_okay=False), help="write all results as JSON"),
 ]
 
 
@@ -66,7 +72,7 @@ def _friendly(f):
 
 
 @click.command("eval")
-@click.option("--ckpt", required=True, type=click.Path(dir_okay=False),
+@click.option("--ckpt", required=True, type=click.Path(path_type=str, dir_okay=False),
               help="distilled set: ours (.safetensors) or the reference's distilled_*.pt")
 @click.option("--loss", default=None, help="student loss kind (default: the checkpoint's)")
 @click.option("--lr-img", type=float, default=None, help="override the learned image lr")
@@ -75,10 +81,11 @@ def _friendly(f):
 @_friendly
 def eval_command(ckpt, loss, lr_img, lr_txt, **kw):
     """Train fresh networks on a distilled set; report final-epoch and val-selected test retrieval (mean ± std)."""
-    from lors_fast.engine.evaluate import run
+    from lors_fast.engine.evaluate import format_summary, run
 
     cfg = _eval_config(kw, ckpt=ckpt, loss=loss, lr_img=lr_img, lr_txt=lr_txt)
-    run(cfg, progress=click.echo)
+    res = run(cfg, progress=logging.getLogger("lors_fast.cli").info)
+    click.echo(format_summary(res["summary"]))
 
 
 @click.command("coreset")
@@ -88,19 +95,21 @@ def eval_command(ckpt, loss, lr_img, lr_txt, **kw):
 @click.option("--subset-seed", type=int, default=0, show_default=True, help="seed of random / forgetting choices")
 @click.option("--lr", type=float, default=0.03, show_default=True, help="fixed lr of both branches")
 @click.option("--loss", default="infonce", show_default=True, help="student loss kind (identity targets)")
-@click.option("--buffer", default=None, type=click.Path(file_okay=False),
+@click.option("--buffer", default=None, type=click.Path(path_type=str, file_okay=False),
               help="trajectory store root (forgetting.safetensors; the student spec)")
 @_protocol
 @_friendly
 def coreset_command(method, n_pairs, subset_seed, lr, loss, buffer, **kw):
     """Evaluate a coreset baseline (N real pairs) with the same protocol as `eval`."""
     from lors_fast.engine.coreset import CoresetConfig, run
+    from lors_fast.engine.evaluate import format_summary
 
     ecfg = _eval_config({**kw, "dataset": None, "out": None}, loss=loss)
     cfg = CoresetConfig(method=method, n=n_pairs, seed=subset_seed, lr=lr, dataset=kw["dataset"] or "synthetic",
                         buffer=buffer, data_root=kw["data_root"], ann_root=kw["ann_root"], cache_dir=kw["cache_dir"],
                         text_encoder=kw["text_encoder"] or "minilm", out=kw["out"], eval=ecfg)
-    run(cfg, progress=click.echo)
+    res = run(cfg, progress=logging.getLogger("lors_fast.cli").info)
+    click.echo(f"coreset {cfg.method} n={cfg.n} on {res['dataset']}:\n" + format_summary(res["summary"]))
 
 
 def register(group: click.Group) -> None:

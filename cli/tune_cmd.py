@@ -21,7 +21,7 @@ _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 @click.option("--jobs", type=click.IntRange(min=0), default=None,
               help="worker processes compiling the candidates before the timing [default: up to 8, one per two "
                    "CPU cores; 0: compile while timing]")
-@click.option("--out", type=click.Path(dir_okay=False), default=None,
+@click.option("--out", type=click.Path(path_type=str, dir_okay=False), default=None,
               help="table to merge the results into [default: $LORS_FAST_TRITON_CONFIGS or "
                    "~/.cache/lors_fast/triton_configs.json]")
 def tune_kernels(dtype, d, n, stages, budget, margin, jobs, out):

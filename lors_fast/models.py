@@ -27,8 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from lors_fast.data.io import load_state_dict_file
-
 __all__ = [
     "StudentSpec",
     "ConvNet",
@@ -86,10 +84,12 @@ class StudentSpec:
             raise ValueError("invalid StudentSpec: " + "; ".join(errors))
 
     def to_dict(self) -> dict:
+        """The spec as a plain dict (what stores and checkpoints record)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> StudentSpec:
+        """The spec from :meth:`to_dict`'s dict; ValueError naming unknown keys."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -116,6 +116,7 @@ class ConvNet(nn.Module):
         self.out_dim = width * (image_size // 2**depth) ** 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Flattened features (B, width·(size/2^depth)²) of images ``x`` (B, 3, size, size)."""
         return self.features(x).flatten(1)
 
 
@@ -130,17 +131,79 @@ class ProjectionHead(nn.Module):
         self.layer_norm = nn.LayerNorm(d_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """LayerNorm(dropout(fc(gelu(p))) + p) with p = projection(x)."""
         p = self.projection(x)
         u = self.dropout(self.fc(F.gelu(p)))
         return self.layer_norm(u + p)
 
 
 def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], path: str) -> None:
-    missing, _unexpected = model.load_state_dict(sd, strict=False)
+    """Copy ``sd`` into ``model`` (extra checkpoint tensors, e.g. a classifier head, are ignored); one-line
+    ValueErrors for missing tensors or tensors of the wrong shape."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
     if missing:
         raise ValueError(
-            f"{path}: checkpoint lacks {len(missing)} parameters of the model, e.g. {missing[:5]}"
+            f"{path}: checkpoint lacks {len(missing)} of the model's {len(own)} tensors, e.g. {missing[:3]} "
+            "(weights of another architecture?)"
         )
+    wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    if wrong:
+        k, got, want = wrong[0]
+        raise ValueError(f"{path}: {len(wrong)} tensors have the wrong shape for this model, e.g. {k}: "
+                         f"{list(got)} in the file, {list(want)} expected (weights of another model or size?)")
+    try:
+        model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=True)
+    except RuntimeError as e:  # anything load_state_dict still refuses, as one line
+        raise ValueError(f"{path}: does not fit the model: {str(e).strip().splitlines()[-1].strip()}") from None
+
+
+def _read_checkpoint(reader, path: str) -> dict[str, torch.Tensor]:
+    """``reader(path)`` (timm's / open_clip's own checkpoint loader) with one-line errors naming the file."""
+    try:
+        sd = reader(path)
+    except Exception as e:  # noqa: BLE001 - torch.load / safetensors raise many types on truncated files
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"{path}: not a readable checkpoint (truncated or corrupt?): {type(e).__name__}: {msg}") \
+            from None
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path}: expected a state dict (name -> tensor), got {type(sd).__name__}")
+    return sd
+
+
+def _open_clip_visual(name: str, spec: StudentSpec) -> nn.Module:
+    """open_clip model ``name``'s image tower at ``spec.image_size``, its weights from ``spec.image_weights``
+    (a whole-model checkpoint, keys ``visual.*``, or the image tower's own state dict), read by open_clip."""
+    import open_clip
+    from open_clip.factory import load_state_dict as oc_load_state_dict
+    from open_clip.factory import resize_pos_embed
+
+    if name not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {name!r} in image_arch='open_clip:{name}'")
+    vision = (open_clip.get_model_config(name) or {}).get("vision_cfg", {})
+    patch, size = vision.get("patch_size"), spec.image_size
+    if isinstance(patch, int) and (size % patch or size // patch < 2):
+        raise ValueError(f"image_size {size} does not fit open_clip:{name} (patch size {patch}): use a multiple "
+                         f"of {patch} of at least {2 * patch}, e.g. {max(2, round(size / patch)) * patch}")
+    try:
+        model = open_clip.create_model(name, pretrained=None, force_image_size=size)
+    except Exception as e:  # noqa: BLE001 - open_clip's builders raise assorted errors for unusable sizes
+        raise ValueError(f"open_clip:{name} cannot be built for image_size {size}: {type(e).__name__}: {e}") \
+            from None
+    if spec.image_weights is not None:
+        path = str(spec.image_weights)
+        sd = _read_checkpoint(lambda p: oc_load_state_dict(p, weights_only=True), path)
+        if not any(k.startswith("visual.") for k in sd):
+            sd = {"visual." + k: v for k, v in sd.items()}
+        resize_pos_embed(sd, model)  # open_clip's own: the position embedding to this image size
+        _load_into(model.visual, {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}, path)
+    visual = model.visual
+    try:
+        with torch.no_grad():
+            visual.eval()(torch.zeros(1, 3, size, size))
+    except RuntimeError as e:
+        raise ValueError(f"open_clip:{name} cannot encode {size}x{size} images: {str(e).splitlines()[0]}") from None
+    return visual
 
 
 def _build_image_encoder(spec: StudentSpec) -> nn.Module:
@@ -154,20 +217,9 @@ def _build_image_encoder(spec: StudentSpec) -> nn.Module:
     if arch == "convnet":
         return ConvNet(spec.convnet_width, spec.convnet_depth, 3, spec.image_size)
     if arch.startswith("open_clip:"):
-        import open_clip
-
-        name = arch.split(":", 1)[1]
-        if name not in open_clip.list_models():
-            raise ValueError(f"unknown open_clip model {name!r} in image_arch={arch!r}")
-        model = open_clip.create_model(name, pretrained=None)
-        visual = model.visual
-        if spec.image_weights is not None:
-            sd = load_state_dict_file(spec.image_weights)
-            if any(k.startswith("visual.") for k in sd):
-                sd = {k[len("visual.") :]: v for k, v in sd.items() if k.startswith("visual.")}
-            _load_into(visual, sd, spec.image_weights)
-        return visual
+        return _open_clip_visual(arch.split(":", 1)[1], spec)
     import timm
+    from timm.models import load_state_dict as timm_load_state_dict
 
     if not timm.is_model(arch):
         raise ValueError(
@@ -175,7 +227,10 @@ def _build_image_encoder(spec: StudentSpec) -> nn.Module:
         )
     model = timm.create_model(arch, pretrained=False, num_classes=0, global_pool="avg")
     if spec.image_weights is not None:
-        _load_into(model, load_state_dict_file(spec.image_weights), spec.image_weights)
+        path = str(spec.image_weights)
+        # timm's own reader: .safetensors or torch.load(weights_only), EMA / state_dict / model containers,
+        # "module." prefixes
+        _load_into(model, _read_checkpoint(lambda p: timm_load_state_dict(p, weights_only=True), path), path)
     return model
 
 
@@ -270,13 +325,16 @@ class FlatModel:
 
     # --- module state ---
     def train(self, mode: bool = True) -> FlatModel:
+        """Set the module's train mode; returns self."""
         self.module.train(mode)
         return self
 
     def eval(self) -> FlatModel:
+        """Set the module's eval mode; returns self."""
         return self.train(False)
 
     def to(self, device: torch.device | str) -> FlatModel:
+        """Move the module to ``device``; returns self."""
         self.module.to(device)
         return self
 

@@ -73,7 +73,7 @@ def test_distill_value_errors(env, tmp_path):
     check(env, ["distill", *b, "--out", o, "--n-pairs", "100000"], 1, "n_pairs=100000", "captions")
     f = tmp_path / "afile"
     f.write_text("x")
-    check(env, ["distill", *b, "--out", f], 1, str(f), "existing file")
+    check(env, ["distill", *b, "--out", f], 2, str(f), "is a file")  # click.Path: a usage error
     check(env, ["distill", *b, "--out", f / "sub"], 1, str(f), "not a folder")
     check(env, ["distill", *b, "--out", o, "--text-encoder", "hash:32"], 1, "text encoder", "hash:32")
     check(env, ["distill", *b, "--out", o, "--data-seed", "3"], 1, "dataset fingerprint")

@@ -137,13 +137,13 @@ def test_env_reports_tuned_tables(table_path):
     from click.testing import CliRunner
     from lors_fast.cli import main
 
-    r = CliRunner().invoke(main, ["env"])
+    r = CliRunner().invoke(main, ["env", "--full"])
     assert r.exit_code == 0, r.output
     assert "triton configs" in r.output and "user: none" in r.output
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     tt.save({"device": tt.device_key(dev), "entries": [dict(key="bwd|float32|32", config={"BN": 16}, ms=1.0, n=8,
                                                              triton="x", date="y")]})
-    r = CliRunner().invoke(main, ["env"])
+    r = CliRunner().invoke(main, ["env", "--full"])
     assert r.exit_code == 0 and f"1 entries for {tt.device_key(dev)}" in r.output, r.output
 
 

@@ -7,6 +7,7 @@
 - :mod:`~lors_fast.core.reference`: the materialised oracle;
 - :mod:`~lors_fast.core.streaming`: the chunked CPU primitives (never N×N at any derivative order);
 - :mod:`~lors_fast.core.losses`: open_clip ``ClipLoss`` / ``SigLipLoss`` drop-ins.
+- :mod:`~lors_fast.core.device`: ``--device auto`` (CUDA when available, else CPU), the stages' default.
 
 The fused GPU primitives live in :mod:`lors_fast.ops`. Nothing is imported here: import the modules.
 """

@@ -256,6 +256,8 @@ class ClipLoss(nn.Module):
         return per_image, per_text
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
+        """open_clip's ClipLoss interface: the symmetric InfoNCE loss of the features (a dict with
+        ``contrastive_loss`` when ``output_dict``)."""
         _validate(image_features, text_features, None, "infonce")
         scale, bias = _scalars(image_features, logit_scale, logit_bias)
         if self.world_size == 1:
@@ -344,6 +346,8 @@ class SigLipLoss(nn.Module):
         return total
 
     def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict=False):
+        """open_clip's SigLipLoss interface: the sigmoid pair loss of the features (a dict with
+        ``contrastive_loss`` when ``output_dict``)."""
         _validate(image_features, text_features, None, "siglip")
         scale, bias = _scalars(image_features, logit_scale, logit_bias)
         loss = contrastive_loss(image_features, text_features, scale, kind="siglip", logit_bias=bias,
@@ -382,9 +386,12 @@ class ContrastiveLoss(nn.Module):
         self.chunk_size = chunk_size
 
     def forward(self, image_features, text_features, logit_scale, target=None, logit_bias=None):
+        """``contrastive_loss`` of the features with this module's kind and backend against ``target``
+        (identity when None)."""
         return contrastive_loss(image_features, text_features, logit_scale, target, kind=self.kind,
                                 logit_bias=logit_bias, backend=self.backend, kl_temperature=self.kl_temperature,
                                 chunk_size=self.chunk_size)
 
     def extra_repr(self) -> str:
+        """``kind``, ``backend`` and ``kl_temperature`` for the module's repr."""
         return f"kind={self.kind!r}, backend={self.backend!r}, kl_temperature={self.kl_temperature}"

@@ -35,6 +35,7 @@ __all__ = ["reference_loss", "dense_target", "reference_lse", "reference_pairsum
 
 
 def dense_target(target, n: int, like: torch.Tensor) -> torch.Tensor:
+    """The target as a dense n×n tensor in ``like``'s dtype and device (the identity when ``target`` is None)."""
     if target is None:
         return torch.eye(n, dtype=like.dtype, device=like.device)
     if isinstance(target, LowRankTarget):

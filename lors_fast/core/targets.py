@@ -59,14 +59,17 @@ class LowRankTarget:
 
     @property
     def n(self) -> int:
+        """Number of pairs N (S is N×N)."""
         return self.diag.shape[0]
 
     @property
     def rank(self) -> int:
+        """Rank r of the low-rank term."""
         return self.left.shape[1]
 
     @property
     def shape(self) -> tuple[int, int]:
+        """``(N, N)``, the shape of the dense S."""
         return (self.n, self.n)
 
     def scaled_left(self) -> torch.Tensor:
@@ -91,6 +94,7 @@ class LowRankTarget:
         return self.diag + self.right @ self.scaled_left().sum(0)
 
     def to(self, *args, **kwargs) -> LowRankTarget:
+        """The same target with every tensor moved/cast by ``Tensor.to(*args, **kwargs)``."""
         s = self.scale.to(*args, **kwargs) if isinstance(self.scale, torch.Tensor) else self.scale
         return LowRankTarget(self.diag.to(*args, **kwargs), self.left.to(*args, **kwargs),
                              self.right.to(*args, **kwargs), s)
@@ -132,16 +136,20 @@ class LowRankSimilarity(nn.Module):
 
     @property
     def scale(self) -> float:
+        """The factor α/r of the low-rank term."""
         return self.alpha / self.rank
 
     def target(self, indices=None) -> LowRankTarget:
+        """The current S as a :class:`LowRankTarget` (rows/columns ``indices`` only when given)."""
         t = LowRankTarget(self.diag, self.left, self.right, self.scale)
         return t if indices is None else t.select(indices)
 
     def dense(self) -> torch.Tensor:
+        """The current S as a dense N×N tensor (tests, pictures; O(N²) memory)."""
         return self.target().dense()
 
     def extra_repr(self) -> str:
+        """``n``, ``rank`` and ``alpha`` for the module's repr."""
         return f"n={self.n}, rank={self.rank}, alpha={self.alpha}"
 
 
@@ -156,13 +164,16 @@ class FullSimilarity(nn.Module):
         self.full = nn.Parameter(torch.eye(n, dtype=dtype))
 
     def target(self, indices=None) -> torch.Tensor:
+        """The current dense S, or its ``indices`` × ``indices`` block when given."""
         if indices is None:
             return self.full
         idx = _check_indices(indices, self.n).to(self.full.device)
         return self.full[idx[:, None], idx]
 
     def dense(self) -> torch.Tensor:
+        """The learned dense N×N S itself."""
         return self.full
 
     def extra_repr(self) -> str:
+        """``n`` for the module's repr."""
         return f"n={self.n}"

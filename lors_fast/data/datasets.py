@@ -98,6 +98,7 @@ class PairDataset:
 
     @property
     def n_images(self) -> int:
+        """Number of images of the split."""
         return int(self.images.shape[0])
 
     def __len__(self) -> int:

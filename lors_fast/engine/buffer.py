@@ -103,7 +103,7 @@ class BufferConfig:
     augment: str = "none"  # none | flip | crop_flip
     captions: str = "random"  # random (one per image per epoch) | all (every caption entry)
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # auto: CUDA when available, else CPU (lors_fast.core.device)
     eval_split: str | None = "test"  # split for each expert's final retrieval score; None = skip
     threads: int | None = None  # torch.set_num_threads for this run
     resume: bool = True  # skip experts already in the store
@@ -155,10 +155,10 @@ class BufferConfig:
             e.append(f"eval_split must be 'val', 'test' or None, got {self.eval_split!r}")
         if self.threads is not None and self.threads < 1:
             e.append(f"threads must be >= 1, got {self.threads!r}")
-        try:
-            torch.device(self.device)
-        except (RuntimeError, TypeError):
-            e.append(f"device {self.device!r} is not a torch device")
+        from lors_fast.core.device import check_device
+
+        if (problem := check_device(self.device)) is not None:
+            e.append(problem)
         try:
             self.spec(text_dim=1)
         except ValueError as err:
@@ -197,6 +197,8 @@ class BufferConfig:
             raise FileNotFoundError("; ".join(missing))
 
     def spec(self, text_dim: int) -> StudentSpec:
+        """The student network (:class:`~lors_fast.models.StudentSpec`) the experts train, for captions of
+        width ``text_dim``."""
         size = (
             self.image_size if self.image_size is not None else (32 if self.dataset == "synthetic" else 224)
         )
@@ -295,7 +297,9 @@ class ExpertTrainer:
                  eval_emb: torch.Tensor | None = None):
         self.idx, self.cfg, self.train, self.train_emb = idx, cfg, train, train_emb
         self.eval_ds, self.eval_emb = eval_ds, eval_emb
-        device = torch.device(cfg.device)
+        from lors_fast.core.device import resolve_device
+
+        device = resolve_device(cfg.device)
         if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # torchrun: one GPU per rank
         self.device = device
@@ -375,6 +379,7 @@ class ExpertTrainer:
         }
 
     def run(self) -> dict:
+        """Train every epoch (dropout from the expert's own seed) and return :meth:`result`."""
         t0 = time.perf_counter()
         with seeded(self.seed + 2, self.device):  # dropout (projection head) draws from here: any process
             for epoch in range(self.cfg.epochs):
@@ -526,6 +531,8 @@ class BufferBuilder:
         return info
 
     def run(self) -> dict:
+        """Train and save this rank's missing experts; rank 0 then writes the index and the forgetting counts.
+        Returns a summary (store, rank, world, trained, skipped, per-expert results, config)."""
         cfg, rank, world = self.cfg, self.rank, self.world
         mine = [i for i in range(cfg.experts) if i % world == rank]
         todo = [i for i in mine if not self.store.has_expert(i)]

@@ -23,6 +23,7 @@ Any (n_cap, d) feature matrix can be passed to :func:`select_pairs` instead.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,8 @@ __all__ = ["METHODS", "CoresetConfig", "select_pairs", "random_pairs", "herding_
            "forgetting_pairs", "load_forgetting_events", "run"]
 
 METHODS = ("random", "herding", "kcenter", "forgetting")
+
+log = logging.getLogger(__name__)
 
 
 def _owners(txt2img, n_img: int) -> torch.Tensor:
@@ -59,6 +62,8 @@ def _random_caption(img_idx: torch.Tensor, img2txt, gen: torch.Generator) -> tor
 
 
 def random_pairs(n: int, img2txt, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` images drawn uniformly without replacement (seeded), each with one random caption of its own;
+    returns (image indices, caption indices)."""
     _check_n(n, len(img2txt))
     gen = torch.Generator().manual_seed(seed)
     img = torch.randperm(len(img2txt), generator=gen)[:n]
@@ -203,10 +208,11 @@ class CoresetConfig:
             raise ValueError("invalid CoresetConfig: " + "; ".join(errs))
 
     def to_dict(self) -> dict:
+        """The config as a plain dict (JSON-serialisable)."""
         return asdict(self)
 
 
-def run(cfg: CoresetConfig, progress=print) -> dict:
+def run(cfg: CoresetConfig, progress=log.info) -> dict:
     """Select the coreset on the train split, evaluate it (cfg.eval protocol), write cfg.out (JSON) if set."""
     from lors_fast.data.datasets import load_split
     from lors_fast.data.text import caption_embeddings
@@ -244,8 +250,8 @@ def run(cfg: CoresetConfig, progress=print) -> dict:
                                progress=progress)
     res.update(method=cfg.method, n=cfg.n, image_idx=img_idx.tolist(), caption_idx=cap_idx.tolist(),
                config=cfg.to_dict(), spec=spec.to_dict(), dataset=ds.name)
-    if progress is not None:
-        progress(f"coreset {cfg.method} n={cfg.n} on {ds.name}:\n" + format_summary(res["summary"]))
+    log.debug("coreset %s n=%d on %s:\n%s", cfg.method, cfg.n, ds.name,
+              format_summary(res["summary"]))  # the CLI prints it
     if cfg.out:
         from lors_fast.data.io import atomic_write
 

@@ -67,9 +67,9 @@ class Distiller:
         check_output_dir(cfg.out, "out (--out)")  # before any data or model work
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device={cfg.device!r} requested but CUDA is not available")
-        self.device = torch.device(cfg.device)
+        from lors_fast.core.device import resolve_device
+
+        self.device = resolve_device(cfg.device)  # auto -> cuda when available; cuda without CUDA -> ValueError
         self.dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
         self.out = Path(cfg.out)
         self.store = store if store is not None else TrajectoryStore(cfg.buffer)
@@ -204,6 +204,8 @@ class Distiller:
         return e, start_epoch
 
     def loss_fn(self, f, h, target):
+        """The student's contrastive loss of image features ``f`` and text features ``h`` against ``target``
+        (the configured kind and backend)."""
         from lors_fast.core.functional import contrastive_loss
 
         return contrastive_loss(f, h, self.student.logit_scale, target, kind=self.cfg.loss,
@@ -211,6 +213,8 @@ class Distiller:
 
     # ----- one iteration
     def step(self) -> dict:
+        """One distillation iteration (one expert segment matched, one optimiser step); returns its
+        metrics.jsonl record."""
         cfg, t0 = self.cfg, time.perf_counter()
         it = self.iteration
         expert, start_epoch = self._next_expert()
@@ -301,6 +305,8 @@ class Distiller:
 
     # ----- checkpoints
     def info(self) -> dict:
+        """The run's metadata stored in every checkpoint (schema, similarity, spec, dataset, encoder, config,
+        ...)."""
         cfg = self.cfg
         return {"schema": SCHEMA, "iteration": self.iteration, "similarity": cfg.similarity, "rank": cfg.rank,
                 "alpha": cfg.alpha, "sim_constraint": cfg.sim_constraint, "loss": cfg.loss, "temperature": cfg.temperature, "spec": self.spec.to_dict(),
@@ -309,6 +315,8 @@ class Distiller:
                 "config": cfg.resolved().to_dict()}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor a resume needs: the set, the lrs, the similarity, momentum buffers, RNG states, the
+        expert schedule position."""
         t = {"image": self.images.detach(), "text": self.texts.detach(), "lr_img": self.lr_img.detach(),
              "lr_txt": self.lr_txt.detach()}
         if self.sim is not None:
@@ -328,6 +336,8 @@ class Distiller:
         return t
 
     def save(self, path: Path) -> Path:
+        """Write the current state atomically to ``path`` (safetensors, :meth:`info` as metadata); returns the
+        path. A state with non-finite values is never written (the last good checkpoint stays good)."""
         bad = self._nonfinite_state()
         if bad:  # never overwrite a good checkpoint with a diverged state
             raise DistillDivergedError(f"not writing {path}: non-finite values in {bad}; {self._last_good()}")
@@ -343,6 +353,8 @@ class Distiller:
         return p
 
     def load_checkpoint(self, path: Path) -> None:
+        """Restore the state saved by :meth:`save` from ``path``; ValueError when it belongs to another
+        configuration."""
         tensors, meta = load_safetensors_checked(path)
         missing = [k for k in ("image", "text", "lr_img", "lr_txt", "rng.gen", "state.iteration") if k not in tensors]
         if missing:
@@ -394,6 +406,7 @@ class Distiller:
             raise ValueError(f"cannot resume from {path} with changed options: {'; '.join(diffs)}")
 
     def distilled(self) -> DistilledSet:
+        """The current synthetic set as a :class:`DistilledSet` (float32, CPU copies)."""
         sim = None
         if self.sim is not None:
             sim = _similarity_from(self.cfg.similarity, self.cfg.n_pairs, self.cfg.rank, self.cfg.alpha,
@@ -406,6 +419,8 @@ class Distiller:
 
     # ----- the loop
     def run(self) -> DistillResult:
+        """Iterate up to ``cfg.iterations`` (metrics.jsonl, checkpoints, optional TensorBoard), save the final
+        set and the artifacts; the run folder's lock is held throughout."""
         from lors_fast.data.runlock import hold
 
         with hold(self.out, "lors-fast distill"):
@@ -421,6 +436,7 @@ class Distiller:
         if self.iteration == 0:  # a fresh run replaces any older run's checkpoint in this folder
             self.save(ckpt)
         bar = None
+        tb = make_metrics_writer(cfg.tensorboard) if cfg.tensorboard else None
         if cfg.progress:
             from tqdm.auto import tqdm
 
@@ -432,6 +448,8 @@ class Distiller:
                     history.append(m)
                     mf.write(json.dumps(m) + "\n")
                     mf.flush()
+                    if tb is not None:
+                        log_scalars(tb, m)
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{m['loss']:.4f}", lr_img=f"{m['lr_img']:.3g}")
@@ -440,6 +458,8 @@ class Distiller:
         finally:
             if bar is not None:
                 bar.close()
+            if tb is not None:
+                tb.close()
         final = self.save(self.out / "distilled.safetensors")
         result = DistillResult(self.distilled(), history, self.out, final)
         if cfg.artifacts:
@@ -464,6 +484,24 @@ class Distiller:
 
         atomic_write(path, "".join(json.dumps(m) + "\n" for m in keep).encode("utf-8"))
         return keep
+
+
+def make_metrics_writer(logdir: str):
+    """A ``torch.utils.tensorboard.SummaryWriter`` writing event files into ``logdir`` (needs tensorboard)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ValueError(f"--tensorboard {logdir}: needs the tensorboard package ({e}); pip install tensorboard") \
+            from None
+    return SummaryWriter(log_dir=str(logdir))
+
+
+def log_scalars(writer, metrics: dict) -> None:
+    """Every number of one metrics.jsonl record as a TensorBoard scalar ``distill/<field>`` at its iteration."""
+    step = int(metrics["iteration"])
+    for k, v in metrics.items():
+        if k != "iteration" and isinstance(v, (int, float)) and not isinstance(v, bool):
+            writer.add_scalar(f"distill/{k}", float(v), step)
 
 
 def run(cfg: DistillConfig, **kwargs) -> DistillResult:

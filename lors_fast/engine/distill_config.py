@@ -45,6 +45,13 @@ DATASETS = ("synthetic", "flickr", "coco")
 DTYPES = ("float32", "float64")
 
 
+def tensorboard_available() -> bool:
+    """Whether the ``tensorboard`` package (which ``torch.utils.tensorboard`` needs) is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
 @dataclass
 class DistillConfig:
     """Options of one distillation run (names follow the reference's flags where one exists)."""
@@ -94,7 +101,7 @@ class DistillConfig:
     # --- engine
     checkpoint: str = "none"  # activation checkpointing: none | torch | deepspeed
     chunk: int | None = None  # TESLA pass 2: image branch in micro-batches of this size (memory O(chunk))
-    device: str = "cpu"
+    device: str = "auto"  # auto: CUDA when available, else CPU (lors_fast.core.device)
     dtype: str = "float32"
     seed: int = 0
     expert_cache: str = "auto"  # auto | memory | disk: keep the needed expert snapshots in memory?
@@ -107,6 +114,7 @@ class DistillConfig:
     dead_run_check: bool = True  # stop a run whose gradients are all 0 / whose loss exceeds loss_bound
     dead_patience: int = 3  # ... for this many consecutive iterations
     loss_bound: float = 100.0  # matching-loss bound of the dead-run check (the loss is ~1 at the start)
+    tensorboard: str | None = None  # also log every metrics.jsonl number to TensorBoard event files here
 
     def __post_init__(self) -> None:
         self.clip_grad = dict(self.clip_grad or {})
@@ -195,18 +203,22 @@ class DistillConfig:
             e.append(f"chunk applies to method='tesla' only, got method={self.method!r}")
         if self.method == "mtt" and self.checkpoint == "deepspeed":
             e.append("method='mtt' needs checkpoint 'none' or 'torch' (DeepSpeed's checkpoint has no autograd.grad)")
-        if isinstance(self.device, str):
-            if not (self.device == "cpu" or self.device.startswith("cuda")):
-                e.append(f"device must be 'cpu' or 'cuda[:i]', got {self.device!r}")
-        else:
-            e.append(f"device must be a string, got {self.device!r}")
+        from lors_fast.core.device import check_device
+
+        if (problem := check_device(self.device)) is not None:
+            e.append(problem)
+        if self.tensorboard is not None and not tensorboard_available():
+            e.append(f"tensorboard={self.tensorboard!r} needs the tensorboard package, which is not installed "
+                     "(pip install tensorboard)")
         if e:
             raise ValueError("invalid distill config: " + "; ".join(e))
 
     def replace(self, **overrides) -> DistillConfig:
+        """A copy with ``overrides`` applied (validated again)."""
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict:
+        """The config as a plain dict (JSON-serialisable)."""
         return dataclasses.asdict(self)
 
     def resolved(self) -> DistillConfig:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lors_fast.core.device import resolve_device
 from lors_fast.core.kinds import KINDS
 from lors_fast.core.targets import FullSimilarity, LowRankSimilarity, LowRankTarget
 from lors_fast.engine.metrics import retrieval_metrics
@@ -38,6 +40,8 @@ __all__ = ["EvalConfig", "RetrievalSet", "SynsetTrainer", "epoch_batches", "trai
            "summarize", "load_retrieval_set", "run"]
 
 METRIC_KEYS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "txt_r_mean", "img_r_mean", "r_mean")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,7 +62,7 @@ class EvalConfig:
     report_best_on_test: bool = False  # also report the reference's best-over-test-evaluations (labelled)
     arch: str | None = None  # image_arch override for cross-architecture evaluation (None = the checkpoint's)
     arch_weights: str | None = None  # local weights for --arch (None = random init)
-    device: str = "cpu"
+    device: str = "auto"  # auto: CUDA when available, else CPU (lors_fast.core.device)
     eval_batch_size: int = 256  # test images per encoder forward
     lr_img: float | None = None  # override the learned lrs (None = use them)
     lr_txt: float | None = None
@@ -101,14 +105,15 @@ class EvalConfig:
         if self.val_split is not None and self.val_split == self.test_split:
             errs.append(f"val_split and test_split must differ (both {self.test_split!r}): selection on test is "
                         "what report_best_on_test is for")
-        try:
-            torch.device(self.device)
-        except (RuntimeError, TypeError):
-            errs.append(f"device must be a torch device string, got {self.device!r}")
+        from lors_fast.core.device import check_device
+
+        if (problem := check_device(self.device)) is not None:
+            errs.append(problem)
         if errs:
             raise ValueError("invalid EvalConfig: " + "; ".join(errs))
 
     def to_dict(self) -> dict:
+        """The config as a plain dict (JSON-serialisable)."""
         return asdict(self)
 
 
@@ -195,7 +200,7 @@ def _nhwc(x: torch.Tensor) -> torch.Tensor:
 def _retrieval(img_enc: nn.Module, txt_head: nn.Module, split: RetrievalSet, spec: StudentSpec,
                cfg: EvalConfig) -> dict:
     """Encode a split (images in batches) in eval mode and compute the retrieval metrics."""
-    dev = torch.device(cfg.device)
+    dev = resolve_device(cfg.device)
     modes = (img_enc.training, txt_head.training)
     img_enc.eval()
     txt_head.eval()
@@ -254,7 +259,7 @@ class SynsetTrainer:
             spec = StudentSpec.from_dict({**spec.to_dict(), "image_arch": cfg.arch, "image_weights": cfg.arch_weights})
         _check_inputs(spec, images, texts, lr_img, lr_txt, cfg.loss, val, test)
         self.spec, self.cfg, self.seed, self.val, self.test = spec, cfg, seed, val, test
-        self.dev = dev = torch.device(cfg.device)
+        self.dev = dev = resolve_device(cfg.device)
         self.n = images.shape[0]
         self.x_all = _resize(images.detach().float().to(dev), spec.image_size)
         self.y_all = texts.detach().float().to(dev)
@@ -338,6 +343,7 @@ class SynsetTrainer:
         return out
 
     def run(self) -> dict:
+        """Train every epoch and return :meth:`result`."""
         with seeded(self.seed + 7919, self.dev):  # dropout of a "projection" head: reproducible, global RNG untouched
             for ep in range(1, self.cfg.epochs + 1):
                 self.epoch(ep)
@@ -472,8 +478,7 @@ def run(cfg: EvalConfig, progress=print) -> dict:
                           progress=progress)
     res.update(ckpt=str(cfg.ckpt), dataset=dataset, loss=loss, text_encoder=encoder, config=ecfg.to_dict(),
                spec=spec.to_dict())
-    if progress is not None:
-        progress(format_summary(res["summary"]))
+    log.debug("%s", format_summary(res["summary"]))  # the CLI prints it
     if cfg.out:
         from lors_fast.data.io import atomic_write
 

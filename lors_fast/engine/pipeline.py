@@ -13,12 +13,15 @@ that later runs, in any output folder, reuse it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 __all__ = ["MainJobConfig", "run_main_job", "format_table"]
+
+log = logging.getLogger(__name__)
 
 #: test metrics shown in the table: (label, key of lors_fast.engine.metrics.retrieval_metrics)
 COLUMNS = (("IR@1", "img_r1"), ("IR@5", "img_r5"), ("IR@10", "img_r10"),
@@ -79,7 +82,7 @@ def _cache(cfg: MainJobConfig) -> Path:
 
 
 def _say(cfg, msg):
-    print(msg, flush=True)  # stage lines and the table always; ``progress`` only governs progress bars
+    log.info(msg)  # stage lines (INFO); ``progress`` only governs progress bars
 
 
 def _buffer(cfg: MainJobConfig, say) -> tuple[str, dict]:
@@ -397,8 +400,5 @@ def run_main_job(cfg: MainJobConfig) -> dict:
           f"on val, mean ± std over {cfg.eval_runs} evaluation seeds (last column: final epoch).\n\n{table}\n\n"
           f"Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + "\n")
     atomic_write(out / "results.md", md.encode())
-    say("\n" + table)
-    say(f"\ntotal {timings['total']:.0f} s; results: {out / 'results.md'}")
-    if pictures:
-        say("pictures:\n  " + "\n  ".join(pictures))
+    log.debug("\n%s\ntotal %.0f s; results: %s", table, timings["total"], out / "results.md")  # the CLI prints them
     return record

@@ -137,11 +137,13 @@ class SimSlicer:
         return LowRankTarget(parts[0], parts[1], parts[2], self.sim.scale)
 
     def detached_target(self, idx: torch.Tensor):
+        """The target of minibatch ``idx`` built from detached factors (no gradient to S)."""
         if self.kind == "full":
             return self.target([self.params[0].detach()[idx[:, None], idx]])
         return self.target([p.detach()[idx] for p in self.params])
 
     def scatter(self, accs: list[torch.Tensor], idx: torch.Tensor, grads: Sequence[torch.Tensor | None]):
+        """Accumulate the minibatch gradients ``grads`` of the factors into the full-size ``accs`` at ``idx``."""
         for acc, g in zip(accs, grads):
             if g is None:
                 continue
@@ -192,6 +194,7 @@ class IterationResult:
 
     @property
     def loss(self) -> float:
+        """The matching loss: ``loss_img + loss_txt``."""
         return self.loss_img + self.loss_txt
 
 

@@ -103,6 +103,7 @@ class TrajectoryStore:
 
     # --- experts ---
     def path(self, idx: int) -> Path:
+        """File of expert ``idx``: ``expert_<idx:04d>.safetensors`` in the store."""
         return self.root / f"expert_{idx:04d}.safetensors"
 
     @property

@@ -263,10 +263,14 @@ class TritonPrimitives:
         return None if x is None else x.reshape(())
 
     def lse(self, U, V, scale, bias=None):
+        """Row and column log-sum-exps of Z = scale·U·Vᵀ (+ bias) by the fused kernels, differentiable to
+        second order."""
         tb._check_device(U, V)
         return _lse_op(U, V, self._scalar_arg(scale, U), self._scalar_arg(bias, U), self._prec())
 
     def pairsum(self, kind, U, V, scale, bias, target, npos=None, nneg=None):
+        """Σ_ij φ_kind(Z_ij, T_ij) over Z = scale·U·Vᵀ (+ bias) by the fused kernels (``npos``/``nneg``: the
+        wbce weights)."""
         if kind not in PAIR_PHIS:
             raise pair_kind_error(kind)
         if kind == "softplus":

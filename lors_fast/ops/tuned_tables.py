@@ -38,10 +38,13 @@ _CACHE: dict = {}
 
 
 def user_table_path() -> Path:
+    """The user's tuned-config table: ``$LORS_FAST_TRITON_CONFIGS`` or
+    ``~/.cache/lors_fast/triton_configs.json``."""
     return Path(os.environ.get(ENV) or Path.home() / ".cache" / "lors_fast" / "triton_configs.json")
 
 
 def device_key(device) -> str:
+    """The tuned-table key of ``device``: the CUDA device name, or the device type without a GPU."""
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
         return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())

@@ -47,6 +47,7 @@ DEFAULT_CHUNK_ELEMS = 1 << 21
 
 
 def default_chunk(n_cols: int) -> int:
+    """Rows per chunk for ``n_cols`` columns: about 2²¹ elements per chunk, at least 8 rows."""
     return max(8, DEFAULT_CHUNK_ELEMS // max(n_cols, 1))
 
 
@@ -67,10 +68,13 @@ class StreamingPrimitives:
         return self.chunk or default_chunk(n_cols)
 
     def lse(self, U, V, scale, bias):
+        """Row and column log-sum-exps of Z = scale·U·Vᵀ + bias by column chunks (never N×N), differentiable
+        to any order."""
         m, n = U.shape[0], V.shape[0]
         return _Lse.apply(_LseSpec(m, n, self._chunk(n)), U, V, scale, bias)
 
     def pairsum(self, kind, U, V, scale, bias, target, npos=None, nneg=None):
+        """Σ_ij φ_kind(Z_ij, T_ij) over Z = scale·U·Vᵀ + bias by chunks (``npos``/``nneg``: the wbce weights)."""
         if kind not in PAIR_PHIS:
             raise pair_kind_error(kind)
         m, n = U.shape[0], V.shape[0]
