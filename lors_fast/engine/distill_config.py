@@ -70,6 +70,7 @@ class DistillConfig:
     mini_batch: int = 30  # B
     iterations: int = 300
     merge_loss_branches: bool = False
+    trajectories: int = 1  # W expert windows per iteration, gradients averaged (torchrun: W/P per rank)
     # --- similarity and loss
     similarity: str = "lowrank"  # lowrank | full | none
     rank: int = 10
@@ -92,6 +93,7 @@ class DistillConfig:
     clip_grad: dict[str, float] = field(default_factory=dict)  # per-group max grad norm (not in reference)
     # --- engine
     checkpoint: str = "none"  # activation checkpointing: none | torch | deepspeed
+    deepspeed_config: str | None = None  # DeepSpeed JSON: its activation_checkpointing section (checkpoint=deepspeed)
     chunk: int | None = None  # TESLA pass 2: image branch in micro-batches of this size (memory O(chunk))
     device: str = "cpu"
     dtype: str = "float32"
@@ -154,6 +156,7 @@ class DistillConfig:
         integer("max_start_epoch", 1)
         b_ok = integer("mini_batch", 1)
         integer("iterations", 0)
+        integer("trajectories", 1)
         integer("ckpt_every", 1)
         integer("seed", 0)
         r_ok = integer("rank", 1)
@@ -189,6 +192,8 @@ class DistillConfig:
             e.append(f"chunk applies to method='tesla' only, got method={self.method!r}")
         if self.method == "mtt" and self.checkpoint == "deepspeed":
             e.append("method='mtt' needs checkpoint 'none' or 'torch' (DeepSpeed's checkpoint has no autograd.grad)")
+        if self.deepspeed_config is not None and self.checkpoint != "deepspeed":
+            e.append(f"deepspeed_config applies to checkpoint='deepspeed' only, got checkpoint={self.checkpoint!r}")
         if isinstance(self.device, str):
             if not (self.device == "cpu" or self.device.startswith("cuda")):
                 e.append(f"device must be 'cpu' or 'cuda[:i]', got {self.device!r}")
