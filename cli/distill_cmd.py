@@ -7,6 +7,8 @@ Every DistillConfig field is an option (``--syn-steps``, ``--lr-img``, ...). Pre
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import typing
 
 import click
@@ -48,6 +50,10 @@ _HELP = {
                       "S is a non-negative soft target (the default preset's choice)",
     "clamp_lr": "lower bound of the student lrs after each step",
     "checkpoint": "activation checkpointing of the student forward",
+    "deepspeed_config": "DeepSpeed JSON file whose activation_checkpointing section is applied "
+                        "(deepspeed.checkpointing.configure); with --checkpoint deepspeed",
+    "trajectories": "expert windows per iteration, gradients averaged; under torchrun each of the P "
+                    "processes computes trajectories/P of them",
     "chunk": "TESLA pass 2: run the image branch in micro-batches of this size (activation memory O(chunk), "
              "~20% more time; per-sample encoders only)",
     "ckpt_every": "write an atomic checkpoint every this many iterations",
@@ -212,14 +218,20 @@ def distill(preset, config_file, eval_runs, eval_epochs, baseline, random_subset
         cfg = load_config(preset, config_file, **given)
     except (ValueError, FileNotFoundError) as e:
         raise click.UsageError(str(e)) from None
+    from lors_fast.engine.dist import rank_world
+
     try:
         res = run(cfg)
     except DistillDivergedError as e:
+        if rank_world()[0] != 0 or int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 says it, once
+            sys.exit(1)
         raise click.ClickException(str(e)) from None
     _report(cfg, res)
 
 
 def _report(cfg, res) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports, once
+        return
     last = res.metrics[-1] if res.metrics else {}
     click.echo(f"distilled {cfg.n_pairs} pairs in {res.out} ({len(res.metrics)} iterations); "
                f"final matching loss {last.get('loss', float('nan')):.4f}, "

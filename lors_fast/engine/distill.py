@@ -12,6 +12,14 @@ memory (or single snapshots are read per iteration, ``expert_cache="disk"``); im
 trajectories come from one expert file, so they are paired; the device is honoured; no wandb; dropout is
 replayed exactly; resume restores the optimiser momentum and every RNG, so it continues bit-exactly.
 
+Several windows per iteration (``trajectories`` = W > 1): the W (expert, start epoch, plan) draws are
+made in order j = 0..W-1 from the run's generator (window j: the next expert of the cycle, its start
+epoch, then its plan), the W gradients are averaged (summed in window order, divided by W) and one
+update is taken; W = 1 is the single-window iteration, bit for bit. Under ``torchrun`` (P processes, P
+divides W) every rank makes all W draws (so the generator stays in step) but computes only windows
+r·W/P … (r+1)·W/P − 1; the per-rank sums are all-reduced (gloo on CPU, NCCL on CUDA). Only rank 0 writes
+files; a failure on any rank raises the same one-line error on every rank (:func:`lors_fast.engine.dist.agree`).
+
 Run folder: ``checkpoints/last.safetensors`` (atomic, every ``ckpt_every`` iterations),
 ``distilled.safetensors`` (final), ``metrics.jsonl``, ``config.json``, and artifacts (``images.png``,
 ``similarity.png``, ``curves.png``, ``nearest_captions.json``).
@@ -20,6 +28,7 @@ Run folder: ``checkpoints/last.safetensors`` (atomic, every ``ckpt_every`` itera
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +38,7 @@ from torch import nn
 
 from lors_fast.data.distilled import SCHEMA, DistilledSet, _similarity_from, load_distilled
 from lors_fast.data.io import load_safetensors_checked, save_safetensors_atomic, write_json_atomic
+from lors_fast.engine import dist
 from lors_fast.engine.distill_config import DistillConfig
 from lors_fast.engine.tesla import SimSlicer, Student, make_plan, mtt_iteration, tesla_iteration
 
@@ -67,9 +77,12 @@ class Distiller:
         check_output_dir(cfg.out, "out (--out)")  # before any data or model work
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        from lors_fast.core.device import resolve_device
-
-        self.device = resolve_device(cfg.device)  # auto -> cuda when available; cuda without CUDA -> ValueError
+        # auto -> cuda when available; cuda without CUDA -> ValueError; under torchrun cuda -> this rank's GPU
+        self.device = dist.local_device(cfg.device)
+        self.rank, self.world = dist.rank_world()
+        if cfg.trajectories % self.world:
+            raise ValueError(f"trajectories={cfg.trajectories} must be a multiple of the number of processes "
+                             f"({self.world})")
         self.dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
         self.out = Path(cfg.out)
         self.store = store if store is not None else TrajectoryStore(cfg.buffer)
@@ -116,7 +129,14 @@ class Distiller:
         if self.img_model.num_params != self.store.p_img or self.txt_model.num_params != self.store.p_txt:
             raise ValueError(f"student has ({self.img_model.num_params}, {self.txt_model.num_params}) params, "
                              f"the store ({self.store.p_img}, {self.store.p_txt})")
-        self.student = Student(self.img_model, self.txt_model, 1.0 / cfg.temperature, cfg.checkpoint)
+        if cfg.deepspeed_config is not None and self.device.type == "cpu":
+            from lors_fast.engine.tesla import deepspeed_ac_options
+
+            if deepspeed_ac_options(cfg.deepspeed_config).get("checkpoint_in_cpu"):
+                raise ValueError("deepspeed_config: activation_checkpointing.cpu_checkpointing needs a CUDA device "
+                                 "(on CPU DeepSpeed empties the inputs it offloads, the recompute fails)")
+        self.student = Student(self.img_model, self.txt_model, 1.0 / cfg.temperature, cfg.checkpoint,
+                               deepspeed_config=cfg.deepspeed_config)
         self._init_synthetic()
         self._init_optimizer()
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -211,33 +231,73 @@ class Distiller:
         return contrastive_loss(f, h, self.student.logit_scale, target, kind=self.cfg.loss,
                                 backend=self.cfg.loss_backend)
 
-    # ----- one iteration
+    # ----- one iteration: W windows, their mean gradient, one update
+    def _draw_windows(self) -> list[tuple[int, int, object]]:
+        """The W (expert, start epoch, plan) draws of one iteration, in window order (every rank draws all)."""
+        cfg, out = self.cfg, []
+        for _ in range(cfg.trajectories):
+            expert, start_epoch = self._next_expert()
+            out.append((expert, start_epoch, make_plan(cfg.n_pairs, cfg.mini_batch, cfg.syn_steps, self.gen,
+                                                       self.device)))
+        return out
+
+    def _window(self, expert: int, start_epoch: int, plan):
+        cfg = self.cfg
+        start = self._snapshot(expert, start_epoch)
+        target = self._snapshot(expert, start_epoch + cfg.expert_epochs)
+        kw = {"chunk": cfg.chunk} if cfg.method == "tesla" else {}
+        fn = tesla_iteration if cfg.method == "tesla" else mtt_iteration
+        return fn(self.student, self.loss_fn, self.images, self.texts, self.slicer, self.lr_img, self.lr_txt,
+                  start, target, plan, merge_branches=cfg.merge_loss_branches, **kw)
+
+    def gradients(self) -> tuple[dict[str, list[torch.Tensor]], dict]:
+        """Draw this iteration's windows, compute their mean gradient (over all ranks) and its metrics."""
+        it, W = self.iteration, self.cfg.trajectories
+        windows = self._draw_windows()
+        per = W // self.world
+        grads, sums, drift, error = None, [0.0, 0.0, 0.0], 0.0, None
+        try:
+            for expert, start_epoch, plan in windows[self.rank * per:(self.rank + 1) * per]:
+                res = self._window(expert, start_epoch, plan)
+                g = {"images": [res.grad_images], "texts": [res.grad_texts],
+                     "lrs": [res.grad_lr_img, res.grad_lr_txt], "sim": list(res.grad_sim)}
+                grads = g if grads is None else {k: [a + b for a, b in zip(grads[k], g[k])] for k in grads}
+                sums = [sums[0] + res.loss_img, sums[1] + res.loss_txt, sums[2] + res.student_loss]
+                drift = max(drift, res.drift)
+        except FloatingPointError as e:
+            error = f"iteration {it + 1}: {e}; {self._last_good()}"
+        except ValueError as e:  # the loss refuses non-finite features: the synthetic set has blown up
+            if "finite" not in str(e):
+                raise
+            error = (f"iteration {it + 1}: the run diverged (non-finite student features: {e}); lower the learning "
+                     f"rates; {self._last_good()}")
+        error = dist.agree(error, self.device)
+        if error is not None:
+            raise DistillDivergedError(error)
+        if self.world > 1:
+            flat = [t for k in grads for t in grads[k]]
+            dist.all_reduce_(flat)
+            stats = torch.tensor(sums, dtype=torch.float64)
+            dmax = torch.tensor([drift], dtype=torch.float64)
+            dist.all_reduce_([stats])
+            dist.all_reduce_([dmax], op="max")
+            sums, drift = stats.tolist(), float(dmax)
+        if W > 1:
+            grads = {k: [t / W for t in ts] for k, ts in grads.items()}
+        loss_img, loss_txt, student_loss = (v / W for v in sums)
+        metrics = {"iteration": it + 1, "expert": windows[0][0], "start_epoch": windows[0][1],
+                   "loss": loss_img + loss_txt, "loss_img": loss_img, "loss_txt": loss_txt,
+                   "student_loss": student_loss, "drift": drift}
+        if W > 1:
+            metrics.update(experts=[w[0] for w in windows], start_epochs=[w[1] for w in windows])
+        return grads, metrics
+
     def step(self) -> dict:
         """One distillation iteration (one expert segment matched, one optimiser step); returns its
         metrics.jsonl record."""
         cfg, t0 = self.cfg, time.perf_counter()
         it = self.iteration
-        expert, start_epoch = self._next_expert()
-        start = self._snapshot(expert, start_epoch)
-        target = self._snapshot(expert, start_epoch + cfg.expert_epochs)
-        plan = make_plan(cfg.n_pairs, cfg.mini_batch, cfg.syn_steps, self.gen, self.device)
-        kw = {"chunk": cfg.chunk} if cfg.method == "tesla" else {}
-        fn = tesla_iteration if cfg.method == "tesla" else mtt_iteration
-        try:
-            res = fn(self.student, self.loss_fn, self.images, self.texts, self.slicer, self.lr_img, self.lr_txt,
-                     start, target, plan, merge_branches=cfg.merge_loss_branches, **kw)
-        except FloatingPointError as e:
-            raise DistillDivergedError(f"iteration {it + 1}: {e}; {self._last_good()}") from e
-        except ValueError as e:  # the loss refuses non-finite features: the synthetic set has blown up
-            if "finite" not in str(e):
-                raise
-            raise DistillDivergedError(f"iteration {it + 1}: the run diverged (non-finite student features: {e}); "
-                                       f"lower the learning rates; {self._last_good()}") from e
-        grads = {"images": [res.grad_images], "texts": [res.grad_texts],
-                 "lrs": [res.grad_lr_img, res.grad_lr_txt], "sim": res.grad_sim}
-        metrics = {"iteration": it + 1, "expert": expert, "start_epoch": start_epoch, "loss": res.loss,
-                   "loss_img": res.loss_img, "loss_txt": res.loss_txt, "student_loss": res.student_loss,
-                   "drift": res.drift}
+        grads, metrics = self.gradients()
         for k, ps in self.groups.items():
             norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads[k])))
             metrics[f"grad_norm_{k}"] = norm
@@ -247,8 +307,8 @@ class Distiller:
                 p.grad = g.detach().to(p.dtype)
             if k in cfg.clip_grad:
                 torch.nn.utils.clip_grad_norm_(ps, cfg.clip_grad[k])
-        if not all(torch.isfinite(torch.tensor(v)) for v in (res.loss, res.student_loss)):
-            raise DistillDivergedError(f"iteration {it + 1}: non-finite loss {res.loss}; {self._last_good()}")
+        if not all(torch.isfinite(torch.tensor(v)) for v in (metrics["loss"], metrics["student_loss"])):
+            raise DistillDivergedError(f"iteration {it + 1}: non-finite loss {metrics['loss']}; {self._last_good()}")
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self._project_sim()
@@ -420,29 +480,37 @@ class Distiller:
     # ----- the loop
     def run(self) -> DistillResult:
         """Iterate up to ``cfg.iterations`` (metrics.jsonl, checkpoints, optional TensorBoard), save the final
-        set and the artifacts; the run folder's lock is held throughout."""
+        set and the artifacts; rank 0 holds the run folder's lock throughout (under torchrun only rank 0
+        writes files)."""
+        if self.rank != 0:
+            return self._run()
         from lors_fast.data.runlock import hold
 
         with hold(self.out, "lors-fast distill"):
             return self._run()
 
     def _run(self) -> DistillResult:
-        cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(cfg.resolved().to_dict(), self.out / "config.json")
+        cfg, main = self.cfg, self.rank == 0  # under torchrun only rank 0 writes files
         metrics_path = self.out / "metrics.jsonl"
-        history = self._read_history(metrics_path)
         ckpt = self.out / "checkpoints" / "last.safetensors"
-        if self.iteration == 0:  # a fresh run replaces any older run's checkpoint in this folder
-            self.save(ckpt)
+        dist.barrier()  # every rank has read the resume checkpoint before rank 0 writes any
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(cfg.resolved().to_dict(), self.out / "config.json")
+            history = self._read_history(metrics_path)
+            if self.iteration == 0:  # a fresh run replaces any older run's checkpoint in this folder
+                self.save(ckpt)
+        dist.barrier()
+        if not main:
+            history = self._read_history(metrics_path, write=False)
         bar = None
-        tb = make_metrics_writer(cfg.tensorboard) if cfg.tensorboard else None
-        if cfg.progress:
+        tb = make_metrics_writer(cfg.tensorboard) if cfg.tensorboard and main else None
+        if cfg.progress and main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.iterations, initial=self.iteration, desc="distill", dynamic_ncols=True)
         try:
-            with open(metrics_path, "a", encoding="utf-8") as mf:
+            with open(metrics_path if main else os.devnull, "a", encoding="utf-8") as mf:
                 while self.iteration < cfg.iterations:
                     m = self.step()
                     history.append(m)
@@ -453,22 +521,25 @@ class Distiller:
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{m['loss']:.4f}", lr_img=f"{m['lr_img']:.3g}")
-                    if self.iteration % cfg.ckpt_every == 0 or self.iteration == cfg.iterations:
+                    if main and (self.iteration % cfg.ckpt_every == 0 or self.iteration == cfg.iterations):
                         self.save(ckpt)
         finally:
             if bar is not None:
                 bar.close()
             if tb is not None:
                 tb.close()
-        final = self.save(self.out / "distilled.safetensors")
+        final = self.out / "distilled.safetensors"
+        if main:
+            self.save(final)
         result = DistillResult(self.distilled(), history, self.out, final)
-        if cfg.artifacts:
+        if cfg.artifacts and main:
             from lors_fast.engine.artifacts import write_artifacts
 
             write_artifacts(self, result)
+        dist.barrier()  # the run folder is complete when run() returns on any rank
         return result
 
-    def _read_history(self, path: Path) -> list[dict]:
+    def _read_history(self, path: Path, write: bool = True) -> list[dict]:
         """Metrics of iterations ≤ the current one (lines written after the checkpoint are dropped)."""
         if not path.is_file():
             return []
@@ -480,6 +551,8 @@ class Distiller:
                 continue  # a line cut by a kill
             if m.get("iteration", 0) <= self.iteration:
                 keep.append(m)
+        if not write:
+            return keep
         from lors_fast.data.io import atomic_write
 
         atomic_write(path, "".join(json.dumps(m) + "\n" for m in keep).encode("utf-8"))
@@ -507,10 +580,18 @@ def log_scalars(writer, metrics: dict) -> None:
 def run(cfg: DistillConfig, **kwargs) -> DistillResult:
     """Run (or resume, with ``cfg.resume``) a distillation; returns the final set and the metrics.
 
-    The run folder is locked (:mod:`lors_fast.data.runlock`) before any work: a second writer is refused."""
+    The run folder is locked (:mod:`lors_fast.data.runlock`) by rank 0 before any work: a second writer is
+    refused. Under torchrun (WORLD_SIZE > 1) it joins (and afterwards leaves) a process group when none exists."""
+    import contextlib
+
     from lors_fast.data.io import check_output_dir
     from lors_fast.data.runlock import hold
 
     check_output_dir(cfg.out, "out (--out)")
-    with hold(cfg.out, "lors-fast distill"):
-        return Distiller(cfg, **kwargs).run()
+    created = dist.setup(cfg.device)
+    try:
+        lock = hold(cfg.out, "lors-fast distill") if dist.rank_world()[0] == 0 else contextlib.nullcontext()
+        with lock:
+            return Distiller(cfg, **kwargs).run()
+    finally:
+        dist.teardown(created)

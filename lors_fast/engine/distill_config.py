@@ -78,6 +78,7 @@ class DistillConfig:
     mini_batch: int = 30  # B
     iterations: int = 300
     merge_loss_branches: bool = False
+    trajectories: int = 1  # W expert windows per iteration, gradients averaged (torchrun: W/P per rank)
     # --- similarity and loss
     similarity: str = "lowrank"  # lowrank | full | none
     rank: int = 10
@@ -100,6 +101,7 @@ class DistillConfig:
     clip_grad: dict[str, float] = field(default_factory=dict)  # per-group max grad norm (not in reference)
     # --- engine
     checkpoint: str = "none"  # activation checkpointing: none | torch | deepspeed
+    deepspeed_config: str | None = None  # DeepSpeed JSON: its activation_checkpointing section (checkpoint=deepspeed)
     chunk: int | None = None  # TESLA pass 2: image branch in micro-batches of this size (memory O(chunk))
     device: str = "auto"  # auto: CUDA when available, else CPU (lors_fast.core.device)
     dtype: str = "float32"
@@ -166,6 +168,7 @@ class DistillConfig:
         integer("max_start_epoch", 1)
         b_ok = integer("mini_batch", 1)
         integer("iterations", 0)
+        integer("trajectories", 1)
         integer("ckpt_every", 1)
         integer("seed", 0)
         r_ok = integer("rank", 1)
@@ -210,6 +213,8 @@ class DistillConfig:
         if self.tensorboard is not None and not tensorboard_available():
             e.append(f"tensorboard={self.tensorboard!r} needs the tensorboard package, which is not installed "
                      "(pip install tensorboard)")
+        if self.deepspeed_config is not None and self.checkpoint != "deepspeed":
+            e.append(f"deepspeed_config applies to checkpoint='deepspeed' only, got checkpoint={self.checkpoint!r}")
         if e:
             raise ValueError("invalid distill config: " + "; ".join(e))
 

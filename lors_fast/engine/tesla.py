@@ -49,9 +49,59 @@ CHECKPOINT_BACKENDS = ("none", "torch", "deepspeed")
 LossFn = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
 
 
-def _deepspeed_checkpoint():
+#: ``activation_checkpointing`` keys of a DeepSpeed JSON -> keyword of ``deepspeed.checkpointing.configure``
+DEEPSPEED_AC_KEYS = {"partition_activations": "partition_activations",
+                     "contiguous_memory_optimization": "contiguous_checkpointing",
+                     "number_checkpoints": "num_checkpoints", "cpu_checkpointing": "checkpoint_in_cpu",
+                     "synchronize_checkpoint_boundary": "synchronize", "profile": "profile"}
+
+
+def deepspeed_ac_options(config) -> dict:
+    """The ``configure`` keywords of a DeepSpeed config (a JSON file path or a dict): its
+    ``activation_checkpointing`` section, every key checked (a one-line ValueError names a bad one)."""
+    import json
+    from pathlib import Path
+
+    if isinstance(config, (str, Path)):
+        path = Path(config)
+        if not path.is_file():
+            raise ValueError(f"deepspeed_config: file not found: {path}")
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"deepspeed_config {path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"deepspeed_config must be a JSON object, got {type(config).__name__}")
+    sec = config.get("activation_checkpointing", {})
+    if not isinstance(sec, dict):
+        raise ValueError(f"deepspeed_config: activation_checkpointing must be an object, got {sec!r}")
+    unknown = sorted(set(sec) - set(DEEPSPEED_AC_KEYS))
+    if unknown:
+        raise ValueError(f"deepspeed_config: unknown activation_checkpointing keys {unknown}; "
+                         f"expected some of {sorted(DEEPSPEED_AC_KEYS)}")
+    out = {}
+    for k, v in sec.items():
+        ok = v is None or isinstance(v, int) and not isinstance(v, bool) and v >= 1 if k == "number_checkpoints" \
+            else isinstance(v, bool)
+        if not ok:
+            want = "a positive int or null" if k == "number_checkpoints" else "true or false"
+            raise ValueError(f"deepspeed_config: activation_checkpointing.{k} must be {want}, got {v!r}")
+        out[DEEPSPEED_AC_KEYS[k]] = v
+    if out.get("partition_activations"):
+        raise ValueError("deepspeed_config: activation_checkpointing.partition_activations needs model "
+                         "parallelism (an mpu), which distillation has none of; set it to false")
+    if out.get("contiguous_checkpointing"):
+        raise ValueError("deepspeed_config: activation_checkpointing.contiguous_memory_optimization needs "
+                         "partition_activations (model parallelism); set it to false")
+    return out
+
+
+def _deepspeed_checkpoint(config=None):
+    """DeepSpeed's non-reentrant checkpoint, configured by ``configure(None, **options)`` from ``config``'s
+    ``activation_checkpointing`` section (always called, so no setting of an earlier Student lingers)."""
     import os
 
+    opts = deepspeed_ac_options(config) if config is not None else {}
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
@@ -61,7 +111,28 @@ def _deepspeed_checkpoint():
             "checkpoint='deepspeed' needs the deepspeed package (pip install deepspeed); "
             "use checkpoint='torch' or 'none' instead"
         ) from e
+    _configure_deepspeed(opts)
     return deepspeed.checkpointing.non_reentrant_checkpoint
+
+
+def _configure_deepspeed(opts: dict) -> None:
+    """``deepspeed.checkpointing.configure(None, **opts)``. Its only use of deepspeed.comm is to log on
+    rank 0; when deepspeed.comm is not initialised (one process, no launcher) ``get_rank`` answers this
+    process' rank for the duration of the call (restored after it), instead of creating a process group."""
+    import deepspeed.comm as dscomm
+    from deepspeed.runtime.activation_checkpointing import checkpointing as ac
+
+    if dscomm.is_initialized():
+        ac.configure(None, **opts)
+        return
+    from lors_fast.engine.dist import rank_world
+
+    saved = ac.dist.get_rank
+    ac.dist.get_rank = lambda *a, **k: rank_world()[0]
+    try:
+        ac.configure(None, **opts)
+    finally:
+        ac.dist.get_rank = saved
 
 
 @dataclass
@@ -69,20 +140,24 @@ class Student:
     """The two student branches as flat-parameter callables ``model(flat, x)`` plus the logit scale.
 
     ``checkpoint`` selects activation checkpointing of each branch forward: "none", "torch"
-    (``torch.utils.checkpoint``, non-reentrant) or "deepspeed" (``non_reentrant_checkpoint``).
+    (``torch.utils.checkpoint``, non-reentrant) or "deepspeed" (``non_reentrant_checkpoint``, configured
+    from ``deepspeed_config``'s ``activation_checkpointing`` section: a JSON path or a dict).
     """
 
     img: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     txt: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     logit_scale: float  # multiplier 1/T
     checkpoint: str = "none"
+    deepspeed_config: object = None
     _ckpt: Callable | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.checkpoint not in CHECKPOINT_BACKENDS:
             raise ValueError(f"checkpoint must be one of {CHECKPOINT_BACKENDS}, got {self.checkpoint!r}")
         if self.checkpoint == "deepspeed":
-            self._ckpt = _deepspeed_checkpoint()
+            self._ckpt = _deepspeed_checkpoint(self.deepspeed_config)
+        elif self.deepspeed_config is not None:
+            raise ValueError(f"deepspeed_config applies to checkpoint='deepspeed' only, got {self.checkpoint!r}")
         elif self.checkpoint == "torch":
             from torch.utils.checkpoint import checkpoint
 
@@ -387,7 +462,7 @@ def mtt_iteration(student: Student, loss_fn: LossFn, images: torch.Tensor, texts
     grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
     ns = len(sim.params)
     return IterationResult(grads[0], grads[1], list(grads[2 : 2 + ns]), grads[-2], grads[-1],
-                           float(num[0] / den[0]), float(num[1] / den[1]), sum(losses) / len(losses))
+                           float(num[0].detach() / den[0]), float(num[1].detach() / den[1]), sum(losses) / len(losses))
 
 
 def reference_tesla_iteration(student: Student, loss_fn: LossFn, images: torch.Tensor, texts: torch.Tensor,
