@@ -464,8 +464,5 @@ def run(cfg: DistillConfig, **kwargs) -> DistillResult:
     """Run (or resume, with ``cfg.resume``) a distillation; returns the final set and the metrics.
 
     Under torchrun (WORLD_SIZE > 1) it joins (and afterwards leaves) a process group when none exists."""
-    created = dist.setup(cfg.device)
-    try:
+    with dist.group(cfg.device):
         return Distiller(cfg, **kwargs).run()
-    finally:
-        dist.teardown(created)
