@@ -98,11 +98,7 @@ def test_bad_files_and_cpu_checkpointing_on_cpu(tmp_path):
     with pytest.raises(ValueError, match="deepspeed_config applies to checkpoint='deepspeed' only"):
         Student(None, None, 1.0, "torch", deepspeed_config={})
     # cpu_checkpointing: DeepSpeed empties the offloaded inputs, the recompute on CPU fails -> refused by distill
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_distributed import _cfg, make_store
+    from test_distributed import _cfg, make_store  # tests/ is on sys.path (pytest rootdir), as for helpers
 
     from lors_fast.engine.distill import Distiller
 

@@ -258,8 +258,8 @@ class Distiller:
         if self.world > 1:
             flat = [t for k in grads for t in grads[k]]
             dist.all_reduce_(flat)
-            stats = torch.tensor(sums, dtype=torch.float64)
-            dmax = torch.tensor([drift], dtype=torch.float64)
+            stats = torch.tensor(sums, dtype=torch.float64, device=self.device)  # NCCL: tensors on the GPU
+            dmax = torch.tensor([drift], dtype=torch.float64, device=self.device)
             dist.all_reduce_([stats])
             dist.all_reduce_([dmax], op="max")
             sums, drift = stats.tolist(), float(dmax)
