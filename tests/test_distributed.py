@@ -126,7 +126,7 @@ def test_trajectories_validation(tmp_path):
         DistillConfig(buffer="x", deepspeed_config="ds.json")
 
 
-def _torchrun(args: list[str], timeout: int = 180) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -205,3 +205,41 @@ def test_failure_on_one_rank_stops_all_with_one_message(tmp_path):
     assert "rank 1: iteration 2: non-finite student loss" in msgs[0]
     ck = _final(tmp_path / "fail" / "checkpoints" / "last.safetensors")
     assert int(ck["state.iteration"]) == 1  # the last good checkpoint is kept
+
+
+_EVAL = """
+import json, sys
+from lors_fast.engine.coreset import CoresetConfig, run as coreset_run
+from lors_fast.engine.evaluate import EvalConfig, run as eval_run
+a = json.loads(sys.argv[1])
+eval_run(EvalConfig(**a["eval"]), progress=print)
+coreset_run(CoresetConfig(**{**a["coreset"], "eval": EvalConfig(**a["coreset"]["eval"])}), progress=print)
+"""
+
+
+def test_eval_and_coreset_seeds_over_two_ranks_equal_one_process(tmp_path):
+    from lors_fast.engine.coreset import CoresetConfig
+    from lors_fast.engine.coreset import run as coreset_run
+    from lors_fast.engine.evaluate import EvalConfig
+    from lors_fast.engine.evaluate import run as eval_run
+
+    store = make_store(tmp_path)
+    d = run(_cfg(tmp_path, store, out=str(tmp_path / "d"), iterations=1))
+    proto = dict(runs=3, epochs=2, eval_every=1, dataset="synthetic", text_encoder=ENCODER,
+                 cache_dir=str(tmp_path / "cache"))  # 3 seeds on 2 ranks: an uneven split
+    ev = dict(proto, ckpt=str(d.checkpoint))
+    co = dict(method="random", n=10, dataset="synthetic", text_encoder=ENCODER, cache_dir=str(tmp_path / "cache"),
+              buffer=str(store), eval=dict(proto, val_split=None))
+    one_e = eval_run(EvalConfig(**ev, out=str(tmp_path / "e1.json")), progress=None)
+    one_c = coreset_run(CoresetConfig(**{**co, "out": str(tmp_path / "c1.json"), "eval": EvalConfig(**co["eval"])}),
+                        progress=None)
+    (tmp_path / "w.py").write_text(_EVAL)
+    arg = {"eval": dict(ev, out=str(tmp_path / "e2.json")), "coreset": dict(co, out=str(tmp_path / "c2.json"))}
+    proc = _torchrun([str(tmp_path / "w.py"), json.dumps(arg)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("run 2/3 (seed 1)") == 2, proc.stdout  # eval + coreset, from rank 0 only
+    for one, path in ((one_e, "e2.json"), (one_c, "c2.json")):
+        two = json.loads((tmp_path / path).read_text())
+        assert [r["seed"] for r in two["runs"]] == [0, 1, 2]
+        assert two["runs"] == json.loads(json.dumps(one["runs"])) and two["summary"] == json.loads(
+            json.dumps(one["summary"]))

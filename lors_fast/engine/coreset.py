@@ -213,9 +213,19 @@ class CoresetConfig:
 
 
 def run(cfg: CoresetConfig, progress=log.info) -> dict:
-    """Select the coreset on the train split, evaluate it (cfg.eval protocol), write cfg.out (JSON) if set."""
+    """Select the coreset on the train split, evaluate it (cfg.eval protocol), write cfg.out (JSON) if set.
+
+    Under torchrun the evaluation seeds are spread over the ranks (same result); rank 0 reports and writes."""
+    from lors_fast.engine import dist
+
+    with dist.group(cfg.eval.device):
+        return _run(cfg, progress if dist.is_main() else None)
+
+
+def _run(cfg: CoresetConfig, progress) -> dict:
     from lors_fast.data.datasets import load_split
     from lors_fast.data.text import caption_embeddings
+    from lors_fast.engine import dist
     from lors_fast.engine.evaluate import (
         check_run_setup,
         evaluate_real_subset,
@@ -252,7 +262,7 @@ def run(cfg: CoresetConfig, progress=log.info) -> dict:
                config=cfg.to_dict(), spec=spec.to_dict(), dataset=ds.name)
     log.debug("coreset %s n=%d on %s:\n%s", cfg.method, cfg.n, ds.name,
               format_summary(res["summary"]))  # the CLI prints it
-    if cfg.out:
+    if cfg.out and dist.is_main():
         from lors_fast.data.io import atomic_write
 
         atomic_write(Path(cfg.out), json.dumps(res, indent=1, sort_keys=True).encode())

@@ -1,8 +1,8 @@
 """torch.distributed helpers shared by the stages that run under ``torchrun`` (distill, eval, coreset).
 
-A stage's entry point calls :func:`setup` (joins a process group when launched with WORLD_SIZE > 1: NCCL
-for CUDA devices, gloo otherwise) and :func:`teardown` with what it returned; library code asks
-:func:`rank_world` (``(0, 1)`` outside a process group). Only rank 0 writes files (:func:`is_main`).
+A stage's entry point runs inside ``with group(device):`` (:func:`setup` joins a process group when
+launched with WORLD_SIZE > 1: NCCL for CUDA devices, gloo otherwise, kept until the process exits); library
+code asks :func:`rank_world` (``(0, 1)`` outside a process group). Only rank 0 writes files (:func:`is_main`).
 
 :func:`agree` is how one rank's failure stops every rank with one message: each rank calls it once per
 collective step with its own error (or None); if any rank failed, every rank gets the first failing
@@ -12,12 +12,13 @@ rank's message (``"rank r: ..."``) and raises it itself, so no rank is left wait
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 
 from lors_fast.core.device import resolve_device
 
-__all__ = ["setup", "teardown", "rank_world", "is_main", "barrier", "local_device", "all_reduce_", "agree",
+__all__ = ["setup", "teardown", "group", "rank_world", "is_main", "barrier", "local_device", "all_reduce_", "agree",
            "gather_objects", "shard"]
 
 
@@ -31,15 +32,20 @@ def rank_world() -> tuple[int, int]:
 
 
 def is_main() -> bool:
+    """Whether this process is rank 0 (always true outside torchrun)."""
     return rank_world()[0] == 0
 
 
 def setup(device: str | torch.device = "cpu") -> bool:
     """Join a process group when launched by torchrun with WORLD_SIZE > 1 and none exists yet.
 
-    Backend: NCCL when ``device`` is CUDA, gloo otherwise. Returns True when this call created the group
-    (the caller then owns it and passes the value to :func:`teardown`).
+    Backend: NCCL when ``device`` is CUDA, gloo otherwise. Returns True when this call created the group.
+    The group then lives until the process exits (``atexit``): destroying and re-creating the default
+    group in the same torchrun workers (eval, then coreset, in one script) can leave one rank waiting in
+    the second rendezvous while the other has passed it, so a later stage reuses the group instead.
     """
+    import atexit
+
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
@@ -48,14 +54,34 @@ def setup(device: str | torch.device = "cpu") -> bool:
     if cuda and "LOCAL_RANK" in os.environ:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if cuda else "gloo")
+    atexit.register(_destroy)
     return True
 
 
-def teardown(created: bool) -> None:
-    if created:
-        import torch.distributed as dist
+def _destroy() -> None:
+    import torch.distributed as dist
 
+    if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def teardown(created: bool, *, together: bool = True) -> None:
+    """End of a stage: with ``together`` every rank leaves it at once (a barrier; skipped on the way out of
+    an error, where another rank may never reach it). The group itself stays (see :func:`setup`)."""
+    if together and rank_world()[1] > 1:
+        barrier()
+
+
+@contextmanager
+def group(device: str | torch.device = "cpu"):
+    """``with group(device):`` — :func:`setup` on entry, :func:`teardown` on exit (no barrier after an error)."""
+    created = setup(device)
+    try:
+        yield
+    except BaseException:
+        teardown(created, together=False)
+        raise
+    teardown(created)
 
 
 def local_device(device: str) -> torch.device:
@@ -68,6 +94,7 @@ def local_device(device: str) -> torch.device:
 
 
 def barrier() -> None:
+    """Wait for every rank (a no-op outside a process group)."""
     import torch.distributed as dist
 
     if rank_world()[1] > 1:

@@ -277,8 +277,8 @@ class Distiller:
         if self.world > 1:
             flat = [t for k in grads for t in grads[k]]
             dist.all_reduce_(flat)
-            stats = torch.tensor(sums, dtype=torch.float64)
-            dmax = torch.tensor([drift], dtype=torch.float64)
+            stats = torch.tensor(sums, dtype=torch.float64, device=self.device)  # NCCL: tensors on the GPU
+            dmax = torch.tensor([drift], dtype=torch.float64, device=self.device)
             dist.all_reduce_([stats])
             dist.all_reduce_([dmax], op="max")
             sums, drift = stats.tolist(), float(dmax)
@@ -588,10 +588,7 @@ def run(cfg: DistillConfig, **kwargs) -> DistillResult:
     from lors_fast.data.runlock import hold
 
     check_output_dir(cfg.out, "out (--out)")
-    created = dist.setup(cfg.device)
-    try:
+    with dist.group(cfg.device):
         lock = hold(cfg.out, "lors-fast distill") if dist.rank_world()[0] == 0 else contextlib.nullcontext()
         with lock:
             return Distiller(cfg, **kwargs).run()
-    finally:
-        dist.teardown(created)

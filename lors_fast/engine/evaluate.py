@@ -393,17 +393,34 @@ def evaluate_synset(spec: StudentSpec, images: torch.Tensor, texts: torch.Tensor
     """``cfg.runs`` fresh networks (seeds cfg.seed + k) → ``{"summary": summarize(...), "runs": [...]}``.
 
     ``cfg.lr_img`` / ``cfg.lr_txt`` override the given lrs when set. ``progress``: optional callable(str).
+    In a torch.distributed process group (torchrun) rank r trains the runs k ≡ r (mod world); every rank
+    returns all runs, in seed order (each run depends on its seed only, so the result is one process'),
+    and only rank 0 reports progress.
     """
+    from lors_fast.engine import dist
+
     lr_img = cfg.lr_img if cfg.lr_img is not None else lr_img
     lr_txt = cfg.lr_txt if cfg.lr_txt is not None else lr_txt
-    runs = []
-    for k in range(cfg.runs):
-        r = train_on_synset(spec, images, texts, target, lr_img, lr_txt, cfg, seed=cfg.seed + k, val=val, test=test)
-        runs.append(r)
-        if progress is not None and r["final"] is not None:
+    rank, world = dist.rank_world()
+
+    def report(k, r):
+        if progress is not None and r["final"] is not None and rank == 0:
             sel = r["val_selected"]["test"]["r_mean"] if r["val_selected"] and r["val_selected"]["test"] else None
             progress(f"run {k + 1}/{cfg.runs} (seed {cfg.seed + k}): final r_mean {r['final']['r_mean']:.2f}"
                      + (f", val-selected r_mean {sel:.2f} (epoch {r['val_selected']['epoch']})" if sel is not None else ""))
+
+    mine = {}
+    for k in dist.shard(cfg.runs):
+        mine[k] = train_on_synset(spec, images, texts, target, lr_img, lr_txt, cfg, seed=cfg.seed + k, val=val,
+                                  test=test)
+        if world == 1:
+            report(k, mine[k])
+    if world > 1:
+        for part in dist.gather_objects(mine):
+            mine.update(part)
+        for k in range(cfg.runs):
+            report(k, mine[k])
+    runs = [mine[k] for k in range(cfg.runs)]
     return {"summary": summarize(runs), "runs": runs, "lr_img": float(lr_img), "lr_txt": float(lr_txt)}
 
 
@@ -449,13 +466,23 @@ def check_run_setup(device: str, out: str | None) -> None:
         check_output_file(out, "out (--out)")
 
 
-def run(cfg: EvalConfig, progress=print) -> dict:
-    """Evaluate ``cfg.ckpt`` (ours or the reference's) on ``cfg.dataset``; write ``cfg.out`` if set."""
-    from lors_fast.data.importers import load_any_distilled
+def run(cfg: EvalConfig, progress=log.info) -> dict:
+    """Evaluate ``cfg.ckpt`` (ours or the reference's) on ``cfg.dataset``; write ``cfg.out`` if set.
 
+    Under torchrun the ``cfg.runs`` seeds are spread over the ranks (same result); rank 0 reports and writes."""
     if cfg.ckpt is None:
         raise ValueError("EvalConfig.ckpt is required by run(): a distilled .safetensors or distilled_*.pt file")
     check_run_setup(cfg.device, cfg.out)
+    from lors_fast.engine import dist
+
+    with dist.group(cfg.device):  # torchrun: the seeds are spread over the ranks, rank 0 writes
+        return _run(cfg, progress if dist.is_main() else None)
+
+
+def _run(cfg: EvalConfig, progress) -> dict:
+    from lors_fast.data.importers import load_any_distilled
+    from lors_fast.engine import dist
+
     d = load_any_distilled(cfg.ckpt)
     meta = d.meta
     try:
@@ -479,7 +506,7 @@ def run(cfg: EvalConfig, progress=print) -> dict:
     res.update(ckpt=str(cfg.ckpt), dataset=dataset, loss=loss, text_encoder=encoder, config=ecfg.to_dict(),
                spec=spec.to_dict())
     log.debug("%s", format_summary(res["summary"]))  # the CLI prints it
-    if cfg.out:
+    if cfg.out and dist.is_main():
         from lors_fast.data.io import atomic_write
 
         atomic_write(Path(cfg.out), json.dumps(res, indent=1, sort_keys=True).encode())
