@@ -187,7 +187,8 @@ distill.Distiller._window = window
 try:
     distill.run(load_config("default", **json.loads(sys.argv[1])))
 except distill.DistillDivergedError as e:
-    print("caught:", e, flush=True)
+    sys.stdout.write(f"caught: {e}\n")  # one write (< PIPE_BUF): the two ranks' lines never interleave
+    sys.stdout.flush()
     sys.exit(3)
 """
 
