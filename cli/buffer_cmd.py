@@ -19,7 +19,7 @@ from lors_fast.engine.buffer import run as run_buffer
     show_default=True,
     help="defaults for the run; every option below overrides it",
 )
-@click.option("--dataset", type=click.Choice(["synthetic", "flickr", "coco"]), default=None)
+@click.option("--dataset", type=click.Choice(["synthetic", "synthetic-mm", "flickr", "coco"]), default=None)
 @click.option("--root", type=click.Path(file_okay=False), default=None, help="image folder (flickr/coco)")
 @click.option(
     "--ann-root", type=click.Path(file_okay=False), default=None, help="Karpathy JSON folder (flickr/coco)"

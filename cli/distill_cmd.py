@@ -22,13 +22,16 @@ from lors_fast.engine.distill_config import (
     METHODS,
     PRESETS,
     SIM_CONSTRAINTS,
+    SIM_INITS,
+    SIM_OPTIMIZERS,
     SIMILARITIES,
     DistillConfig,
 )
 
 _CHOICES = {"dataset": DATASETS, "pix_init": INITS, "txt_init": INITS, "method": METHODS,
             "similarity": SIMILARITIES, "loss": LOSS_KINDS, "loss_backend": LOSS_BACKENDS,
-            "checkpoint": CHECKPOINTS, "dtype": DTYPES, "sim_constraint": SIM_CONSTRAINTS, "expert_cache": ("auto", "memory", "disk")}
+            "checkpoint": CHECKPOINTS, "dtype": DTYPES, "sim_constraint": SIM_CONSTRAINTS, "expert_cache": ("auto", "memory", "disk"),
+            "sim_init": SIM_INITS, "sim_optimizer": SIM_OPTIMIZERS}
 _HELP = {
     "buffer": "trajectory store folder (from `lors-fast buffer`)",
     "out": "run folder (checkpoints, metrics.jsonl, PNGs, nearest captions)",
@@ -52,6 +55,14 @@ _HELP = {
              "~20% more time; per-sample encoders only)",
     "ckpt_every": "write an atomic checkpoint every this many iterations",
     "resume": "checkpoint file or run folder to continue exactly",
+    "sim_init": "identity: a = 1, R = 0 (the reference); caption: S ~ I + sim_init_scale * relu(cos - thr)/(1 - thr) "
+                "from the init captions' cosine (NMF factors)",
+    "sim_init_scale": "off-diagonal scale of --sim-init caption",
+    "sim_init_right": "lowrank: initial R ~ this * N(0,1) (|.| under nonneg) instead of 0",
+    "lr_sim_factors": "lowrank: lr of the factors L and R (default: --lr-sim)",
+    "sim_optimizer": "sgd (momentum_sim) or adam (a normalised update) for the similarity parameters",
+    "caption_threshold": "caption cosine above which a pair counts as similar (diagnostics, --sim-init caption)",
+    "sim_diagnostics": "per-iteration S diagnostics in metrics.jsonl",
     "expert_cache": "keep expert snapshots in memory (auto: if they fit in 2 GiB) or read them per iteration",
 }
 
@@ -98,14 +109,14 @@ def _options(fn):
 
 
 #: DistillConfig options the main job takes itself (the rest are passed to both distillation runs)
-_MAIN_JOB_KEYS = ("out", "rank", "alpha", "n_pairs", "iterations", "seed", "cache_dir", "n_train", "text_encoder")
+_MAIN_JOB_KEYS = ("out", "rank", "alpha", "n_pairs", "iterations", "seed", "cache_dir", "n_train", "text_encoder",
+                  "dataset")
 
 
 def _main_job(given: dict, eval_runs: int, eval_epochs, baseline: bool, random_subset: bool, parallel: bool):
     from lors_fast.engine.pipeline import MainJobConfig, run_main_job
 
     job = {k: given.pop(k) for k in _MAIN_JOB_KEYS if k in given}
-    given.pop("dataset", None)
     progress = given.pop("progress", True)
     try:
         cfg = MainJobConfig(eval_runs=eval_runs, eval_epochs=eval_epochs, baseline=baseline,
@@ -148,7 +159,7 @@ def distill(preset, config_file, eval_runs, eval_epochs, baseline, random_subset
     if clip is not None:
         given["clip_grad"] = clip
     if (preset is None and config_file is None and "buffer" not in given and "resume" not in given
-            and given.get("dataset", "synthetic") == "synthetic"):
+            and given.get("dataset", "synthetic") in ("synthetic", "synthetic-mm")):
         return _main_job(given, eval_runs, eval_epochs, baseline, random_subset, parallel)
     if preset is None and config_file is None:
         preset = "default"

@@ -26,7 +26,7 @@ _PROTOCOL = [
     click.option("--no-val", is_flag=True, help="no val split: report the final epoch only"),
     click.option("--report-best-on-test", is_flag=True,
                  help="also report the reference's best-over-TEST-evaluations number (labelled; optimistic)"),
-    click.option("--dataset", type=click.Choice(["synthetic", "flickr", "coco"]), default=None),
+    click.option("--dataset", type=click.Choice(["synthetic", "synthetic-mm", "flickr", "coco"]), default=None),
     click.option("--data-root", default=None, type=click.Path(file_okay=False)),
     click.option("--ann-root", default=None, type=click.Path(file_okay=False)),
     click.option("--cache-dir", default=None, type=click.Path(file_okay=False)),

@@ -141,7 +141,7 @@ class BufferConfig:
             e.append(f"augment must be one of {AUGMENTS}, got {self.augment!r}")
         if self.captions not in CAPTION_MODES:
             e.append(f"captions must be one of {CAPTION_MODES}, got {self.captions!r}")
-        if self.dataset == "synthetic" and self.augment in ("flip", "crop_flip"):
+        if self.dataset in ("synthetic", "synthetic-mm") and self.augment in ("flip", "crop_flip"):
             e.append(
                 "augment with flips is wrong for dataset 'synthetic' (its captions name left/right); use augment='none'"
             )
@@ -177,7 +177,7 @@ class BufferConfig:
         from lors_fast.data.text import encoder_key
 
         missing = []
-        if self.dataset != "synthetic":
+        if self.dataset not in ("synthetic", "synthetic-mm"):
             for name in ("root", "ann_root"):
                 if not Path(getattr(self, name)).is_dir():
                     missing.append(f"{name} folder not found: {getattr(self, name)}")
@@ -192,7 +192,7 @@ class BufferConfig:
 
     def spec(self, text_dim: int) -> StudentSpec:
         size = (
-            self.image_size if self.image_size is not None else (32 if self.dataset == "synthetic" else 224)
+            self.image_size if self.image_size is not None else (32 if self.dataset in ("synthetic", "synthetic-mm") else 224)
         )
         return StudentSpec(
             image_arch=self.image_arch,
@@ -445,7 +445,7 @@ def run(cfg: BufferConfig) -> dict:
             image_size=cfg.image_size,
             progress=cfg.progress and rank == 0,
         )
-        if cfg.dataset == "synthetic":
+        if cfg.dataset in ("synthetic", "synthetic-mm"):
             kw.update(seed=cfg.data_seed)
         train = load_split(cfg.dataset, "train", n_images=cfg.n_train, **kw)
         eval_ds = load_split(cfg.dataset, cfg.eval_split, **kw) if cfg.eval_split else None
