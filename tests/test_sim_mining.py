@@ -7,11 +7,10 @@ import json
 
 import pytest
 import torch
+from test_distill_run import make_fixture, tiny_cfg  # noqa: E402  (tests/ is on sys.path under pytest)
 
 from lors_fast.core.targets import LowRankSimilarity
 from lors_fast.engine.sim_diagnostics import agreement, caption_cosine, sim_state, update_rates
-
-from test_distill_run import make_fixture, tiny_cfg  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 def _loss_and_grads(sim, W):
@@ -145,8 +144,9 @@ def test_factor_lr_adam_and_right_init_change_the_off_diagonal(tmp_path):
 
 
 def test_adam_resume_equals_uninterrupted(tmp_path):
-    from lors_fast.engine.distill import run
     from test_distill_run import _state
+
+    from lors_fast.engine.distill import run
 
     ds, emb, store = make_fixture(tmp_path)
     kw = dict(sim_optimizer="adam", lr_sim=0.01, sim_init_right=0.01, sim_constraint="nonneg")
