@@ -100,6 +100,10 @@ def main(argv=None) -> None:
     p.add_argument("--serial", action="store_true", help="one process per cell (default: the main job's two)")
     p.add_argument("--report", action="store_true", help="print the table of <out>/protocol.jsonl and stop")
     a = p.parse_args(argv)
+    if a.serial:  # one process, one thread (the machine is shared); the parallel schedule pins its workers
+        import torch
+
+        torch.set_num_threads(1)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "protocol.jsonl"
