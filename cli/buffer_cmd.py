@@ -66,6 +66,9 @@ from lors_fast.engine.buffer import run as run_buffer
     help="one random caption per image per epoch, or every caption entry",
 )
 @click.option("--n-train", type=int, default=None, help="synthetic: number of train images [5000]")
+@click.option("--soft-target-weight", type=float, default=None,
+              help="loss-matched experts: target I + W*[caption cosine > threshold] per batch [0: identity]")
+@click.option("--soft-target-threshold", type=float, default=None, help="caption cosine of --soft-target-weight [0.8]")
 @click.option(
     "--eval-split",
     type=click.Choice(["val", "test", "none"]),

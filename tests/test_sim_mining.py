@@ -178,3 +178,31 @@ def test_caption_init_follows_caption_similarity(tmp_path, similarity):
     block[:6, :6] = True
     assert float(S[block & off].mean()) > 0.15 and float(S[~block & off].abs().mean()) < 0.05
     assert torch.allclose(S.diagonal(), torch.ones(12), atol=0.05)
+
+
+def test_loss_matched_experts_use_caption_soft_targets(tmp_path):
+    """Buffer option soft_target_weight: the expert target is I + w·[caption cosine > thr]; w = 0 is the
+    identity (the reference), a threshold no pair reaches is the identity too, and w > 0 changes the expert."""
+    from lors_fast.engine.buffer import BufferConfig, _soft_target
+    from lors_fast.engine.buffer import run as run_buffer
+    from lors_fast.engine.trajectories import TrajectoryStore
+
+    emb = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.99, 0.1], [0.0, 1.0]]), dim=1)
+    cfg = BufferConfig.from_preset("synthetic", soft_target_weight=0.3, soft_target_threshold=0.8)
+    T = _soft_target(cfg, emb, torch.tensor([0, 1, 2]), "cpu")
+    assert torch.equal(T, torch.tensor([[1.0, 0.3, 0.0], [0.3, 1.0, 0.0], [0.0, 0.0, 1.0]]))
+    assert _soft_target(cfg.__class__.from_preset("synthetic"), emb, torch.tensor([0, 1]), "cpu") is None
+    base = dict(cache_dir=str(tmp_path / "cache"), n_train=48, convnet_width=4, convnet_depth=1,
+                text_encoder="hash:16", experts=1, epochs=1, batch_size=16, threads=1, eval_split=None)
+    trajs = {}
+    for name, kw in (("id", {}), ("none_close", dict(soft_target_weight=0.3, soft_target_threshold=0.9999)),
+                     ("soft", dict(soft_target_weight=0.5, soft_target_threshold=-0.5))):
+        c = BufferConfig.from_preset("synthetic", out=str(tmp_path / name), **base, **kw)
+        run_buffer(c)
+        st = TrajectoryStore(c.out)
+        trajs[name] = st.read_expert(0)[0]
+        assert st.meta["soft_target"]["weight"] == c.soft_target_weight
+    assert torch.allclose(trajs["id"], trajs["none_close"], atol=1e-6)
+    assert not torch.allclose(trajs["id"][1], trajs["soft"][1], atol=1e-4)
+    with pytest.raises(ValueError, match="soft_target_weight must be a number >= 0"):
+        BufferConfig.from_preset("synthetic", soft_target_weight=-1.0)

@@ -100,6 +100,9 @@ class BufferConfig:
     temperature: float = 0.07
     augment: str = "none"  # none | flip | crop_flip
     captions: str = "random"  # random (one per image per epoch) | all (every caption entry)
+    # loss-matched experts (issue 18): soft target T = I + w·[cos(caption_i, caption_j) > thr] per batch
+    soft_target_weight: float = 0.0  # w; 0 = the identity target (the reference)
+    soft_target_threshold: float = 0.8  # thr (caption-embedding cosine)
     seed: int = 0
     device: str = "cpu"
     eval_split: str | None = "test"  # split for each expert's final retrieval score; None = skip
@@ -133,6 +136,11 @@ class BufferConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 e.append(f"{name} must be a positive number, got {v!r}")
+        if not (isinstance(self.soft_target_weight, (int, float)) and math.isfinite(self.soft_target_weight)
+                and self.soft_target_weight >= 0):
+            e.append(f"soft_target_weight must be a number >= 0, got {self.soft_target_weight!r}")
+        if not (isinstance(self.soft_target_threshold, (int, float)) and -1 <= self.soft_target_threshold < 1):
+            e.append(f"soft_target_threshold must be a cosine in [-1, 1), got {self.soft_target_threshold!r}")
         if not 0 <= self.momentum < 1:
             e.append(f"momentum must be in [0, 1), got {self.momentum!r}")
         if self.weight_decay < 0:
@@ -277,6 +285,16 @@ def _count_forgetting(ii, correct, last, seen, events, presentations) -> None:
         last[i], seen[i] = c, True
 
 
+def _soft_target(cfg: BufferConfig, emb: torch.Tensor, cc: torch.Tensor, device) -> torch.Tensor | None:
+    """The batch's expert target: None (identity) or I + w·[caption cosine > thr] off the diagonal."""
+    if not cfg.soft_target_weight:
+        return None
+    e = F.normalize(emb[cc].to(device).float(), dim=-1)
+    eye = torch.eye(len(cc), dtype=torch.bool, device=device)
+    close = ((e @ e.T) > cfg.soft_target_threshold) & ~eye
+    return eye.float() + cfg.soft_target_weight * close.float()
+
+
 def train_expert(
     idx: int,
     cfg: BufferConfig,
@@ -333,7 +351,7 @@ def train_expert(
                 x = augment_batch(train.normalized(ii).to(device), cfg.augment, gen)
                 f = F.normalize(img(x), dim=-1)
                 h = F.normalize(txt(train_emb[cc].to(device)), dim=-1)
-                loss = contrastive_loss(f, h, scale, None, kind="infonce")
+                loss = contrastive_loss(f, h, scale, _soft_target(cfg, train_emb, cc, device), kind="infonce")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -399,6 +417,7 @@ def store_meta(
         "batch_size": cfg.batch_size,
         "temperature": cfg.temperature,
         "loss": "infonce",
+        "soft_target": {"weight": cfg.soft_target_weight, "threshold": cfg.soft_target_threshold},
         "augment": cfg.augment,
         "captions": cfg.captions,
         "img_params": fi.describe(),
