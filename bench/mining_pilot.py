@@ -17,11 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def main(argv=None) -> None:
     import torch
+    from mining_protocol import VARIANTS
 
     from lors_fast.data.datasets import default_cache_dir
     from lors_fast.engine.distill import Distiller
     from lors_fast.engine.distill_config import load_config
-    from mining_protocol import VARIANTS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="synthetic", choices=["synthetic", "synthetic-mm"])
