@@ -29,11 +29,13 @@ def main(argv=None) -> None:
     p.add_argument("--variants", nargs="+", default=["lors-default"], choices=sorted(VARIANTS))
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--out", default="runs/pilot")
+    p.add_argument("--buffer", default=None, help="trajectory store [<cache>/buffers/<dataset>-default]")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     cache = Path(a.cache_dir) if a.cache_dir else default_cache_dir()
     for var in a.variants:
-        cfg = load_config("default", buffer=str(cache / "buffers" / f"{a.dataset}-default"), dataset=a.dataset,
+        buffer = a.buffer or str(cache / "buffers" / f"{a.dataset}-default")
+        cfg = load_config("default", buffer=buffer, dataset=a.dataset,
                           out=str(Path(a.out) / f"{a.dataset}-{var}"), cache_dir=a.cache_dir,
                           iterations=a.iterations, artifacts=False, progress=False, threads=1, **VARIANTS[var])
         d = Distiller(cfg)
