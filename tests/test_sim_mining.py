@@ -201,7 +201,8 @@ def test_loss_matched_experts_use_caption_soft_targets(tmp_path):
         run_buffer(c)
         st = TrajectoryStore(c.out)
         trajs[name] = st.read_expert(0)[0]
-        assert st.meta["soft_target"]["weight"] == c.soft_target_weight
+        assert st.meta.get("soft_target", {}).get("weight", 0.0) == c.soft_target_weight
+        assert ("soft_target" in st.meta) == bool(c.soft_target_weight)
     assert torch.allclose(trajs["id"], trajs["none_close"], atol=1e-6)
     assert not torch.allclose(trajs["id"][1], trajs["soft"][1], atol=1e-4)
     with pytest.raises(ValueError, match="soft_target_weight must be a number >= 0"):

@@ -404,7 +404,7 @@ def store_meta(
     cfg: BufferConfig, spec: StudentSpec, train: PairDataset, fi: FlatModel, ft: FlatModel
 ) -> dict:
     """The store metadata this config produces (compared on resume)."""
-    return {
+    meta = {
         "spec": spec.to_dict(),
         "encoder": cfg.text_encoder,
         "dataset": train.fingerprint,
@@ -417,12 +417,14 @@ def store_meta(
         "batch_size": cfg.batch_size,
         "temperature": cfg.temperature,
         "loss": "infonce",
-        "soft_target": {"weight": cfg.soft_target_weight, "threshold": cfg.soft_target_threshold},
         "augment": cfg.augment,
         "captions": cfg.captions,
         "img_params": fi.describe(),
         "txt_params": ft.describe(),
     }
+    if cfg.soft_target_weight:  # only then (identity-target stores keep their metadata, so stay reusable)
+        meta["soft_target"] = {"weight": cfg.soft_target_weight, "threshold": cfg.soft_target_threshold}
+    return meta
 
 
 def write_forgetting(store: TrajectoryStore) -> Path:
