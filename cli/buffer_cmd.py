@@ -18,7 +18,7 @@ from lors_fast.engine.buffer import run as run_buffer
     show_default=True,
     help="defaults for the run; every option below overrides it",
 )
-@click.option("--dataset", type=click.Choice(["synthetic", "flickr", "coco"]), default=None,
+@click.option("--dataset", type=click.Choice(["synthetic", "synthetic-mm", "flickr", "coco"]), default=None,
               help="dataset of the real pairs [preset]")
 @click.option("--data-root", "root", type=click.Path(path_type=str, file_okay=False), default=None,
               help="image folder (flickr/coco)")
@@ -71,6 +71,9 @@ from lors_fast.engine.buffer import run as run_buffer
     help="one random caption per image per epoch, or every caption entry",
 )
 @click.option("--n-train", type=int, default=None, help="synthetic: number of train images [5000]")
+@click.option("--soft-target-weight", type=float, default=None,
+              help="loss-matched experts: target I + W*[caption cosine > threshold] per batch [0: identity]")
+@click.option("--soft-target-threshold", type=float, default=None, help="caption cosine of --soft-target-weight [0.8]")
 @click.option(
     "--eval-split",
     type=click.Choice(["val", "test", "none"]),

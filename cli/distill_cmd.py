@@ -24,13 +24,16 @@ from lors_fast.engine.distill_config import (
     METHODS,
     PRESETS,
     SIM_CONSTRAINTS,
+    SIM_INITS,
+    SIM_OPTIMIZERS,
     SIMILARITIES,
     DistillConfig,
 )
 
 _CHOICES = {"dataset": DATASETS, "pix_init": INITS, "txt_init": INITS, "method": METHODS,
             "similarity": SIMILARITIES, "loss": LOSS_KINDS, "loss_backend": LOSS_BACKENDS,
-            "checkpoint": CHECKPOINTS, "dtype": DTYPES, "sim_constraint": SIM_CONSTRAINTS, "expert_cache": ("auto", "memory", "disk")}
+            "checkpoint": CHECKPOINTS, "dtype": DTYPES, "sim_constraint": SIM_CONSTRAINTS, "expert_cache": ("auto", "memory", "disk"),
+            "sim_init": SIM_INITS, "sim_optimizer": SIM_OPTIMIZERS}
 _HELP = {
     "buffer": "trajectory store folder (from `lors-fast buffer`)",
     "out": "run folder (checkpoints, metrics.jsonl, PNGs, nearest captions)",
@@ -64,6 +67,14 @@ _HELP = {
                       "--dead-patience iterations; --no-dead-run-check continues anyway",
     "dead_patience": "consecutive iterations of the dead-run check",
     "loss_bound": "matching-loss bound of the dead-run check (the loss is ~1 at the start)",
+    "sim_init": "identity: a = 1, R = 0 (the reference); caption: S ~ I + sim_init_scale * relu(cos - thr)/(1 - thr) "
+                "from the init captions' cosine (NMF factors)",
+    "sim_init_scale": "off-diagonal scale of --sim-init caption",
+    "sim_init_right": "lowrank: initial R ~ this * N(0,1) (|.| under nonneg) instead of 0",
+    "lr_sim_factors": "lowrank: lr of the factors L and R (default: --lr-sim)",
+    "sim_optimizer": "sgd (momentum_sim) or adam (a normalised update) for the similarity parameters",
+    "caption_threshold": "caption cosine above which a pair counts as similar (diagnostics, --sim-init caption)",
+    "sim_diagnostics": "per-iteration S diagnostics in metrics.jsonl",
     "expert_cache": "keep expert snapshots in memory (auto: if they fit in 2 GiB) or read them per iteration",
     "device": "auto (CUDA when available, else CPU) | cpu | cuda | cuda:N",
     "tensorboard": "also write every metrics.jsonl number as TensorBoard scalars into this folder (needs the "
@@ -147,14 +158,14 @@ def _options(fn):
 
 
 #: DistillConfig options the main job takes itself (the rest are passed to both distillation runs)
-_MAIN_JOB_KEYS = ("out", "rank", "alpha", "n_pairs", "iterations", "seed", "cache_dir", "n_train", "text_encoder")
+_MAIN_JOB_KEYS = ("out", "rank", "alpha", "n_pairs", "iterations", "seed", "cache_dir", "n_train", "text_encoder",
+                  "dataset")
 
 
 def _main_job(given: dict, eval_runs: int, eval_epochs, baseline: bool, random_subset: bool, parallel: bool):
     from lors_fast.engine.pipeline import MainJobConfig, run_main_job
 
     job = {k: given.pop(k) for k in _MAIN_JOB_KEYS if k in given}
-    given.pop("dataset", None)
     progress = given.pop("progress", True)
     try:
         cfg = MainJobConfig(eval_runs=eval_runs, eval_epochs=eval_epochs, baseline=baseline,
@@ -205,7 +216,7 @@ def distill(preset, config_file, eval_runs, eval_epochs, baseline, random_subset
     if not progress_enabled(given.get("progress", True)):  # bars only on a terminal, never with -q
         given["progress"] = False
     if (preset is None and config_file is None and "buffer" not in given and "resume" not in given
-            and given.get("dataset", "synthetic") == "synthetic"):
+            and given.get("dataset", "synthetic") in ("synthetic", "synthetic-mm")):
         return _main_job(given, eval_runs, eval_epochs, baseline, random_subset, parallel)
     if "resume" in given:  # the run's stored config is the config (checked against what is given)
         from lors_fast.engine.distill_config import resume_config

@@ -29,7 +29,7 @@ _PROTOCOL = [
     click.option("--no-val", is_flag=True, help="no val split: report the final epoch only"),
     click.option("--report-best-on-test", is_flag=True,
                  help="also report the reference's best-over-TEST-evaluations number (labelled; optimistic)"),
-    click.option("--dataset", type=click.Choice(["synthetic", "flickr", "coco"]), default=None,
+    click.option("--dataset", type=click.Choice(["synthetic", "synthetic-mm", "flickr", "coco"]), default=None,
                  help="dataset to train and test on (default: the checkpoint's; coreset: synthetic)"),
     click.option("--data-root", default=None, type=click.Path(path_type=str, file_okay=False), help="image folder (flickr/coco)"),
     click.option("--ann-root", default=None, type=click.Path(path_type=str, file_okay=False),

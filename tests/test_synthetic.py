@@ -58,3 +58,47 @@ def test_bad_inputs():
         synthetic.render_split("val", n_images=0)
     with pytest.raises(ValueError, match="dataset"):
         load_split("imagenet", "train")
+
+
+# ----- the many-to-many variant ("synthetic-mm")
+def _objects_named(caption: str, vocab_shapes, vocab_colours) -> set[tuple[str, str]]:
+    """(colour, shape) pairs a caption can be naming (synonym match; "ring" never occurs in the mm vocab)."""
+    out = set()
+    for s in vocab_shapes:
+        for c in vocab_colours:
+            if any(w in caption for w in synthetic.SYN[s]) and any(w in caption for w in synthetic.SYN[c]):
+                out.add((c, s))
+    return out
+
+
+def test_mm_partial_captions_fit_several_images():
+    s = synthetic.render_split("train", n_images=200, variant="mm")
+    assert s.images.shape == (200, 3, 32, 32)
+    assert (s.attributes["n_obj"] == synthetic.MM_OBJECTS).all()
+    assert s.attributes["shape"].max() < synthetic.MM_SHAPES and s.attributes["colour"].max() < synthetic.MM_COLOURS
+    shapes = synthetic.SHAPES[: synthetic.MM_SHAPES]
+    colours = list(synthetic.COLOURS)[: synthetic.MM_COLOURS]
+    objs = [{(colours[s.attributes["colour"][i, k]], shapes[s.attributes["shape"][i, k]])
+             for k in range(synthetic.MM_OBJECTS)} for i in range(200)]
+    partial = fits_others = 0
+    for i in range(200):
+        caps = s.captions[5 * i : 5 * i + 5]
+        assert len(set(caps)) == 5
+        for c in caps:
+            named = _objects_named(c, shapes, colours) & objs[i]
+            assert named, (c, objs[i])  # every caption truly describes something in its image
+            partial += len(named) < len(objs[i])
+            fits_others += sum(1 for j in range(200) if j != i and named <= objs[j]) > 0
+    assert partial / 1000 > 0.6, "captions should name only part of an image"
+    assert fits_others / 1000 > 0.9, "most captions should also fit another image (many-to-many)"
+
+
+def test_mm_registered_deterministic_and_distinct_from_default():
+    a = load_split("synthetic-mm", "val", n_images=30)
+    b = load_split("synthetic-mm", "val", n_images=30)
+    d = load_split("synthetic", "val", n_images=30)
+    assert a.name == "synthetic-mm/val" and a.fingerprint == b.fingerprint and a.captions == b.captions
+    assert a.fingerprint != d.fingerprint and not np.array_equal(a.images.numpy(), d.images.numpy())
+    assert len(a.captions) == 150 and a.img2txt[3] == [15, 16, 17, 18, 19]
+    with pytest.raises(ValueError, match="variant must be one of"):
+        synthetic.render_split("val", n_images=3, variant="m2m")

@@ -152,6 +152,45 @@ class LowRankSimilarity(nn.Module):
         """``n``, ``rank`` and ``alpha`` for the module's repr."""
         return f"n={self.n}, rank={self.rank}, alpha={self.alpha}"
 
+    @torch.no_grad()
+    def init_right_(self, std: float, *, generator: torch.Generator | None = None, nonneg: bool = False) -> None:
+        """R ~ std·N(0, 1) (|·| when ``nonneg``) instead of 0, so the off-diagonal part has a gradient
+        through L from the first step (with R = 0, ∂/∂L = c·G·R = 0)."""
+        std = float(std)
+        if not (std >= 0 and torch.isfinite(torch.tensor(std))):
+            raise ValueError(f"init_right_ std must be a finite number >= 0, got {std!r}")
+        r = torch.randn(self.right.shape, generator=generator, dtype=self.right.dtype) * std
+        self.right.copy_(r.abs() if nonneg else r)
+
+    @torch.no_grad()
+    def init_from_(self, K: torch.Tensor, *, iters: int = 300, generator: torch.Generator | None = None) -> None:
+        """Start from S ≈ I + K for a non-negative off-diagonal K (e.g. caption–caption similarity).
+
+        c·L·Rᵀ is fitted to K off the diagonal by non-negative matrix factorisation (Lee–Seung
+        multiplicative updates with the diagonal imputed from the current fit, so L, R ≥ 0 and the start is
+        feasible under a non-negativity constraint), then a = max(1 − diag(c·L·Rᵀ), 0) so the diagonal of
+        S stays ≈ 1. K's diagonal is ignored.
+        """
+        n = self.n
+        if K.shape != (n, n):
+            raise ValueError(f"init_from_ K must have shape ({n}, {n}), got {tuple(K.shape)}")
+        if not torch.isfinite(K).all() or (K < 0).any():
+            raise ValueError("init_from_ K must be finite and non-negative")
+        K = K.detach().double().clone()
+        K.fill_diagonal_(0)
+        c = self.scale
+        w = torch.rand(n, self.rank, generator=generator, dtype=torch.float64) + 0.1
+        h = torch.rand(n, self.rank, generator=generator, dtype=torch.float64) + 0.1
+        tiny = 1e-12
+        eye = torch.eye(n, dtype=torch.bool)
+        for _ in range(iters):  # K ≈ w·hᵀ off the diagonal (w = c·L, h = R); the diagonal is imputed
+            Kf = torch.where(eye, w @ h.T, K)
+            h *= (Kf.T @ w) / (h @ (w.T @ w) + tiny)
+            w *= (Kf @ h) / (w @ (h.T @ h) + tiny)
+        self.left.copy_((w / c).to(self.left.dtype))
+        self.right.copy_(h.to(self.right.dtype))
+        self.diag.copy_((1.0 - (w * h).sum(1)).clamp(min=0).to(self.diag.dtype))
+
 
 class FullSimilarity(nn.Module):
     """Learnable dense S (N×N), initialised to the identity. ``target(idx)`` is the block S[idx][:, idx]."""

@@ -3,6 +3,7 @@
 Sources (``load_split``):
 
 * ``"synthetic"`` — the embedded default (:mod:`lors_fast.data.synthetic`), rendered in memory.
+* ``"synthetic-mm"`` — its many-to-many variant (three objects per image, captions naming only part of it).
 * ``"flickr"`` / ``"coco"`` — Karpathy-split JSONs as the reference uses them (LORS_SPEC §6): the train
   file has one entry per caption ``{"image", "caption", "image_id"}``; val/test files one entry per
   image ``{"image", "caption": [5 (or 6) strings]}``; image paths are relative to ``root``. Images are
@@ -47,8 +48,15 @@ ANN_FILES = {
         "test": "coco_karpathy_test.json",
     },
 }
-DATASETS = ("synthetic", "flickr", "coco")
+#: the embedded, rendered datasets (``"synthetic-mm"``: the many-to-many variant of lors_fast.data.synthetic)
+SYNTHETIC_DATASETS = ("synthetic", "synthetic-mm")
+DATASETS = ("synthetic", "flickr", "coco", "synthetic-mm")
 SPLITS = ("train", "val", "test")
+
+
+def is_synthetic(dataset) -> bool:
+    """True for the embedded, rendered datasets (they take ``seed`` / ``n_images``, no files)."""
+    return dataset in SYNTHETIC_DATASETS
 
 
 def default_cache_dir() -> Path:
@@ -151,14 +159,16 @@ def _maps_from_groups(groups: list[list[str]]) -> tuple[list[str], torch.Tensor,
     return caps, torch.tensor(t2i, dtype=torch.long), i2t
 
 
-def _synthetic(split: str, image_size: int | None, seed: int, n_images: int | None) -> PairDataset:
+def _synthetic(split: str, image_size: int | None, seed: int, n_images: int | None,
+               dataset: str = "synthetic") -> PairDataset:
     from lors_fast.data import synthetic
 
     size = 32 if image_size is None else int(image_size)
-    s = synthetic.render_split(split, seed=seed, n_images=n_images, image_size=size)
+    variant = "mm" if dataset == "synthetic-mm" else "default"
+    s = synthetic.render_split(split, seed=seed, n_images=n_images, image_size=size, variant=variant)
     groups = [s.captions[5 * i : 5 * i + 5] for i in range(len(s.images))]
     caps, t2i, i2t = _maps_from_groups(groups)
-    h = hashlib.sha256(f"synthetic/v{synthetic.VERSION}/{split}/{seed}/{size}".encode())
+    h = hashlib.sha256(f"{dataset}/v{synthetic.VERSION}/{split}/{seed}/{size}".encode())
     h.update(s.images.tobytes())
     h.update("\n".join(caps).encode())
     return PairDataset(
@@ -168,7 +178,7 @@ def _synthetic(split: str, image_size: int | None, seed: int, n_images: int | No
         img2txt=i2t,
         mean=synthetic.MEAN,
         std=synthetic.STD,
-        name=f"synthetic/{split}",
+        name=f"{dataset}/{split}",
         fingerprint=h.hexdigest(),
     )
 
@@ -312,12 +322,12 @@ def load_split(
         errs.append(f"split must be one of {SPLITS}, got {split!r}")
     if image_size is not None and (not isinstance(image_size, int) or image_size < 8):
         errs.append(f"image_size must be an int >= 8, got {image_size!r}")
-    if dataset != "synthetic" and n_images is not None:
+    if not is_synthetic(dataset) and n_images is not None:
         errs.append(f"n_images applies to the synthetic dataset only (got dataset={dataset!r})")
     if errs:
         raise ValueError("; ".join(errs))
-    if dataset == "synthetic":
-        return _synthetic(split, image_size, seed, n_images)
+    if is_synthetic(dataset):
+        return _synthetic(split, image_size, seed, n_images, dataset)
     return _karpathy(dataset, split, root, ann_root, cache_dir, image_size, progress)
 
 

@@ -9,6 +9,13 @@ and soft image–text similarities are meaningful.
 
 Everything is a deterministic function of (seed, split, n_images, image_size); rendering is vectorised
 numpy (≈0.5 s for 6 500 images at 32×32).
+
+``variant="mm"`` (dataset ``"synthetic-mm"``) is the many-to-many set: every image shows three objects
+drawn from a small vocabulary (4 shapes × 4 colours, one size), and each caption names only one or two of
+them (the position and the background only sometimes). So a caption such as "a red circle" fits every image
+that contains a red circle (≈ 18 % of them): captions of different images are often true descriptions of
+each other's images — the false-negative regime of the identity target that LoRS's learned similarity is
+meant for. Retrieval is still scored against each image's own 5 captions.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["SPLIT_SIZES", "SHAPES", "COLOURS", "render_split", "SyntheticSplit", "MEAN", "STD"]
+__all__ = ["SPLIT_SIZES", "SHAPES", "COLOURS", "VARIANTS", "render_split", "SyntheticSplit", "MEAN", "STD"]
 
 VERSION = 1  # bump when rendering or grammar changes (it is part of the dataset fingerprint)
 SPLIT_SIZES = {"train": 5000, "val": 500, "test": 1000}
@@ -47,6 +54,9 @@ POSITIONS = {
     "center": (16.0, 16.0),
 }
 BACKGROUNDS = ("dark", "light", "striped", "dotted")
+VARIANTS = ("default", "mm")
+# the many-to-many variant: a small shared vocabulary, three objects per image, partial captions
+MM_SHAPES, MM_COLOURS, MM_OBJECTS = 4, 4, 3
 
 SYN = {
     # shapes
@@ -103,6 +113,23 @@ _TWO = (
 )
 
 
+_MM_FORMS = ("{a} {colour} {shape}", "{a} {shape} that is {colour}")
+_MM_ONE = (
+    "{o1}",
+    "a picture with {o1}",
+    "there is {o1} {p1}",
+    "{o1} among other shapes",
+    "{o1} on {bg}",
+    "an image that shows {o1}",
+)
+_MM_TWO = (
+    "{o1} and {o2}",
+    "a picture with {o1} and {o2}",
+    "{o1} {p1} and {o2}",
+    "{o1} next to {o2} on {bg}",
+)
+
+
 @dataclass
 class SyntheticSplit:
     images: np.ndarray  # (n, 3, H, W) uint8
@@ -133,6 +160,22 @@ def _caption(rng: random.Random, objs: list[tuple[str, str, str, str]], bg: str)
     if rng.random() < 0.5:
         o = o[::-1]
     return rng.choice(_TWO).format(o1=o[0][0], p1=o[0][1], o2=o[1][0], p2=o[1][1], bg=bgw)
+
+
+def _caption_mm(rng: random.Random, objs: list[tuple[str, str, str, str]], bg: str) -> str:
+    """A partial caption: one (60 %) or two of the image's objects, no size."""
+    k = 1 if rng.random() < 0.6 else 2
+    picked = rng.sample(objs, k)
+    o = []
+    for s, c, _z, p in picked:
+        form = rng.choice(_MM_FORMS)
+        words = {"shape": rng.choice(SYN[s]), "colour": rng.choice(SYN[c])}
+        first = form.split(" ")[1].strip("{}")
+        o.append((form.format(a=_article(words[first]), **words), rng.choice(SYN[p])))
+    bgw = rng.choice(SYN[bg])
+    if k == 1:
+        return rng.choice(_MM_ONE).format(o1=o[0][0], p1=o[0][1], bg=bgw)
+    return rng.choice(_MM_TWO).format(o1=o[0][0], p1=o[0][1], o2=o[1][0], bg=bgw)
 
 
 def _shape_masks(d: np.ndarray, e: np.ndarray, shape_id: np.ndarray) -> np.ndarray:
@@ -201,9 +244,11 @@ def _backgrounds(rng: np.random.Generator, bg: np.ndarray, size: int) -> np.ndar
 
 
 def render_split(
-    split: str, *, seed: int = 0, n_images: int | None = None, image_size: int = 32
+    split: str, *, seed: int = 0, n_images: int | None = None, image_size: int = 32, variant: str = "default"
 ) -> SyntheticSplit:
-    """Render one split ("train" | "val" | "test") deterministically."""
+    """Render one split ("train" | "val" | "test") deterministically; ``variant``: "default" | "mm"."""
+    if variant not in VARIANTS:
+        raise ValueError(f"synthetic variant must be one of {VARIANTS}, got {variant!r}")
     if split not in _SPLIT_ID:
         raise ValueError(f"synthetic split must be one of {sorted(_SPLIT_ID)}, got {split!r}")
     n = SPLIT_SIZES[split] if n_images is None else int(n_images)
@@ -211,13 +256,15 @@ def render_split(
         raise ValueError(f"n_images must be >= 1, got {n_images!r}")
     if image_size < 8:
         raise ValueError(f"image_size must be >= 8 for synthetic renderings, got {image_size!r}")
-    rng = np.random.default_rng([seed, _SPLIT_ID[split], VERSION])
-    n_obj = np.where(rng.random(n) < 0.6, 1, 2)
-    shape = rng.integers(0, len(SHAPES), (n, 2))
-    colour = rng.integers(0, len(COLOURS), (n, 2))
-    sizes = rng.integers(0, len(SIZES), (n, 2))
-    # two distinct positions per image
-    pos = np.argsort(rng.random((n, len(POSITIONS))), axis=1)[:, :2]
+    mm = variant == "mm"
+    rng = np.random.default_rng([seed, _SPLIT_ID[split], VERSION] + ([7] if mm else []))
+    k_max = MM_OBJECTS if mm else 2
+    n_obj = np.full(n, MM_OBJECTS) if mm else np.where(rng.random(n) < 0.6, 1, 2)
+    shape = rng.integers(0, MM_SHAPES if mm else len(SHAPES), (n, k_max))
+    colour = rng.integers(0, MM_COLOURS if mm else len(COLOURS), (n, k_max))
+    sizes = np.zeros((n, k_max), dtype=np.int64) if mm else rng.integers(0, len(SIZES), (n, k_max))
+    # distinct positions per image
+    pos = np.argsort(rng.random((n, len(POSITIONS))), axis=1)[:, :k_max]
     bg = rng.integers(0, len(BACKGROUNDS), n)
     scale = image_size / 32.0
     img = _backgrounds(rng, bg, image_size)
@@ -225,7 +272,7 @@ def render_split(
     centres = np.array(list(POSITIONS.values()), dtype=np.float32)
     radii = np.array(list(SIZES.values()), dtype=np.float32)
     rgb = np.array(list(COLOURS.values()), dtype=np.float32)
-    for k in range(2):
+    for k in range(k_max):
         c = (centres[pos[:, k]] + rng.uniform(-1.5, 1.5, (n, 2))).astype(np.float32)
         r = ((radii[sizes[:, k]] + rng.uniform(-0.5, 0.5, n)) * scale).astype(np.float32)
         d = (xx[None] - c[:, 0, None, None] * np.float32(scale)) / r[:, None, None]
@@ -246,7 +293,7 @@ def render_split(
         ]
         seen: list[str] = []
         for _ in range(200):
-            cap = _caption(crng, objs, BACKGROUNDS[bg[i]])
+            cap = (_caption_mm if mm else _caption)(crng, objs, BACKGROUNDS[bg[i]])
             if cap not in seen:
                 seen.append(cap)
                 if len(seen) == 5:

@@ -13,8 +13,8 @@ import torch
 
 from lors_fast.data.io import atomic_write, write_json_atomic
 
-__all__ = ["save_image_grid", "save_similarity_heatmap", "save_loss_curves", "nearest_captions",
-           "write_artifacts"]
+__all__ = ["save_image_grid", "save_similarity_heatmap", "save_loss_curves", "save_sim_diagnostics",
+           "nearest_captions", "write_artifacts"]
 
 
 def _save_fig(fig, path: Path) -> Path:
@@ -88,6 +88,31 @@ def save_loss_curves(metrics: list[dict], path: str | Path) -> Path:
     return _save_fig(fig, Path(path))
 
 
+def save_sim_diagnostics(metrics: list[dict], path: str | Path) -> Path | None:
+    """Per iteration: mean |ΔS| of a unit-lr gradient step on vs off the diagonal (log scale), and the mean
+    off-diagonal S over caption-similar vs other pairs. None when the metrics hold no S diagnostics."""
+    rows = [m for m in metrics if "sim_dS_diag" in m]
+    if not rows:
+        return None
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    its = [m["iteration"] for m in rows]
+    for key, label in (("sim_dS_diag", "diagonal"), ("sim_dS_offdiag", "off-diagonal")):
+        a1.plot(its, [max(m[key], 1e-30) for m in rows], label=label)
+    a1.set_yscale("log")
+    a1.set_xlabel("iteration")
+    a1.set_title("mean |ΔS| of a unit-lr gradient step")
+    a1.legend()
+    agree = [m for m in rows if "sim_agree_hi" in m]
+    if agree:
+        for key, label in (("sim_agree_hi", "caption-similar pairs"), ("sim_agree_lo", "other pairs")):
+            a2.plot([m["iteration"] for m in agree], [m[key] for m in agree], label=label)
+        a2.legend()
+    a2.set_xlabel("iteration")
+    a2.set_title("mean off-diagonal S")
+    return _save_fig(fig, Path(path))
+
+
 def nearest_captions(texts: torch.Tensor, caption_emb: torch.Tensor, captions: list[str], *, k: int = 3,
                      chunk: int = 4096) -> list[list[tuple[str, float]]]:
     """For each synthetic text embedding, the ``k`` real captions of highest cosine similarity."""
@@ -109,9 +134,15 @@ def write_artifacts(distiller, result) -> None:
     out, ds, d = Path(result.out), distiller.ds, result.distilled
     save_image_grid(d.images, ds.mean, ds.std, out / "images.png")
     if d.similarity is not None and d.images.shape[0] <= 2048:
-        save_similarity_heatmap(d.similarity.dense().detach(), out / "similarity.png")
+        title = "learned similarity S"
+        last = result.metrics[-1] if result.metrics else {}
+        if "sim_agree_hi" in last:
+            title += (f"\noff-diag S: caption-similar pairs {last['sim_agree_hi']:.4g} vs others "
+                      f"{last['sim_agree_lo']:.4g}; |ΔS| off/diag {last.get('sim_dS_ratio', float('nan')):.3g}")
+        save_similarity_heatmap(d.similarity.dense().detach(), out / "similarity.png", title=title)
     if result.metrics:
         save_loss_curves(result.metrics, out / "curves.png")
+        save_sim_diagnostics(result.metrics, out / "sim_diagnostics.png")
     near = nearest_captions(d.texts, distiller.caption_emb, ds.captions, k=3)
     init = [ds.captions[int(i)] for i in distiller.init_captions]
     write_json_atomic([{"index": j, "init_caption": init[j], "nearest": [{"caption": c, "cosine": v} for c, v in nn]}

@@ -102,6 +102,9 @@ class BufferConfig:
     temperature: float = 0.07
     augment: str = "none"  # none | flip | crop_flip
     captions: str = "random"  # random (one per image per epoch) | all (every caption entry)
+    # loss-matched experts (issue 18): soft target T = I + w·[cos(caption_i, caption_j) > thr] per batch
+    soft_target_weight: float = 0.0  # w; 0 = the identity target (the reference)
+    soft_target_threshold: float = 0.8  # thr (caption-embedding cosine)
     seed: int = 0
     device: str = "auto"  # auto: CUDA when available, else CPU (lors_fast.core.device)
     eval_split: str | None = "test"  # split for each expert's final retrieval score; None = skip
@@ -139,6 +142,11 @@ class BufferConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 e.append(f"{name} must be a positive number, got {v!r}")
+        if not (isinstance(self.soft_target_weight, (int, float)) and math.isfinite(self.soft_target_weight)
+                and self.soft_target_weight >= 0):
+            e.append(f"soft_target_weight must be a number >= 0, got {self.soft_target_weight!r}")
+        if not (isinstance(self.soft_target_threshold, (int, float)) and -1 <= self.soft_target_threshold < 1):
+            e.append(f"soft_target_threshold must be a cosine in [-1, 1), got {self.soft_target_threshold!r}")
         if not 0 <= self.momentum < 1:
             e.append(f"momentum must be in [0, 1), got {self.momentum!r}")
         if self.weight_decay < 0:
@@ -147,7 +155,7 @@ class BufferConfig:
             e.append(f"augment must be one of {AUGMENTS}, got {self.augment!r}")
         if self.captions not in CAPTION_MODES:
             e.append(f"captions must be one of {CAPTION_MODES}, got {self.captions!r}")
-        if self.dataset == "synthetic" and self.augment in ("flip", "crop_flip"):
+        if self.dataset in ("synthetic", "synthetic-mm") and self.augment in ("flip", "crop_flip"):
             e.append(
                 "augment with flips is wrong for dataset 'synthetic' (its captions name left/right); use augment='none'"
             )
@@ -183,7 +191,7 @@ class BufferConfig:
         from lors_fast.data.text import encoder_key
 
         missing = []
-        if self.dataset != "synthetic":
+        if self.dataset not in ("synthetic", "synthetic-mm"):
             for name in ("root", "ann_root"):
                 if not Path(getattr(self, name)).is_dir():
                     missing.append(f"{name} folder not found: {getattr(self, name)}")
@@ -200,7 +208,7 @@ class BufferConfig:
         """The student network (:class:`~lors_fast.models.StudentSpec`) the experts train, for captions of
         width ``text_dim``."""
         size = (
-            self.image_size if self.image_size is not None else (32 if self.dataset == "synthetic" else 224)
+            self.image_size if self.image_size is not None else (32 if self.dataset in ("synthetic", "synthetic-mm") else 224)
         )
         return StudentSpec(
             image_arch=self.image_arch,
@@ -285,6 +293,17 @@ def _count_forgetting(ii, correct, last, seen, events, presentations) -> None:
         last[i], seen[i] = c, True
 
 
+def _soft_target(cfg: BufferConfig, emb: torch.Tensor, cc: torch.Tensor, device) -> torch.Tensor | None:
+    """The batch's expert target: None (identity) or I + w·[caption cosine > thr] off the diagonal."""
+    if not cfg.soft_target_weight:
+        return None
+    e = F.normalize(emb[cc].to(device).float(), dim=-1)
+    eye = torch.eye(len(cc), dtype=torch.bool, device=device)
+    close = ((e @ e.T) > cfg.soft_target_threshold) & ~eye
+    return eye.float() + cfg.soft_target_weight * close.float()
+
+
+
 class ExpertTrainer:
     """One expert: setup in ``__init__`` (student, optimiser, generators), :meth:`step` (one minibatch),
     :meth:`epoch` (one pass + its snapshot), :meth:`result` and :meth:`run` (every epoch, then the result).
@@ -333,7 +352,8 @@ class ExpertTrainer:
         x = augment_batch(self.train.normalized(ii).to(self.device), self.cfg.augment, self.gen)
         f = F.normalize(self.img(x), dim=-1)
         h = F.normalize(self.txt(self.train_emb[cc].to(self.device)), dim=-1)
-        loss = contrastive_loss(f, h, 1.0 / self.cfg.temperature, None, kind="infonce")
+        target = _soft_target(self.cfg, self.train_emb, cc, self.device)
+        loss = contrastive_loss(f, h, 1.0 / self.cfg.temperature, target, kind="infonce")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -419,7 +439,7 @@ def store_meta(
     """The store metadata this config produces (compared on resume); local paths are absolute."""
     from lors_fast.data.text import canonical_encoder
 
-    return {
+    meta = {
         "spec": spec.to_dict(),
         "encoder": canonical_encoder(cfg.text_encoder),
         "dataset": train.fingerprint,
@@ -437,6 +457,9 @@ def store_meta(
         "img_params": fi.describe(),
         "txt_params": ft.describe(),
     }
+    if cfg.soft_target_weight:  # only then (identity-target stores keep their metadata, so stay reusable)
+        meta["soft_target"] = {"weight": cfg.soft_target_weight, "threshold": cfg.soft_target_threshold}
+    return meta
 
 
 def write_forgetting(store: TrajectoryStore) -> Path:
@@ -490,7 +513,7 @@ class BufferBuilder:
         cfg, rank, world = self.cfg, self.rank, self.world
         kw = dict(root=cfg.root, ann_root=cfg.ann_root, cache_dir=cfg.cache_dir, image_size=cfg.image_size,
                   progress=cfg.progress and rank == 0)
-        if cfg.dataset == "synthetic":
+        if cfg.dataset in ("synthetic", "synthetic-mm"):
             kw.update(seed=cfg.data_seed)
         self.train = load_split(cfg.dataset, "train", n_images=cfg.n_train, **kw)
         self.eval_ds = load_split(cfg.dataset, cfg.eval_split, **kw) if cfg.eval_split else None

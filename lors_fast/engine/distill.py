@@ -106,7 +106,7 @@ class Distiller:
             from lors_fast.data.datasets import load_split
 
             extra = {}
-            if cfg.dataset == "synthetic":
+            if cfg.dataset in ("synthetic", "synthetic-mm"):
                 extra = {"seed": cfg.data_seed, "n_images": cfg.n_train or self.store.meta.get("n_train")}
             dataset = load_split(cfg.dataset, "train", root=cfg.data_root, ann_root=cfg.ann_root,
                                  cache_dir=cfg.cache_dir, image_size=self.spec.image_size, **extra)
@@ -178,9 +178,29 @@ class Distiller:
                 with torch.no_grad():
                     for p in self.sim.parameters():
                         p.abs_()
+            self._init_sim_options(cap, g)
         self.slicer = SimSlicer(self.sim)
         self.lr_img = nn.Parameter(torch.tensor(cfg.init_lr_img, dtype=self.dtype, device=self.device))
         self.lr_txt = nn.Parameter(torch.tensor(cfg.init_lr_txt, dtype=self.dtype, device=self.device))
+
+    def _init_sim_options(self, cap: torch.Tensor, g: torch.Generator) -> None:
+        """Issue-18 options of S: caption cosine of the init pairs, non-zero R, S initialised from captions."""
+        from lors_fast.engine.sim_diagnostics import caption_cosine
+
+        cfg = self.cfg
+        self.caption_cos = caption_cosine(self.caption_emb[cap])
+        if cfg.sim_init_right > 0:
+            self.sim.init_right_(cfg.sim_init_right, generator=g, nonneg=cfg.sim_constraint == "nonneg")
+        if cfg.sim_init == "caption":
+            thr = cfg.caption_threshold
+            K = cfg.sim_init_scale * ((self.caption_cos - thr).clamp(min=0) / (1 - thr))
+            K.fill_diagonal_(0)
+            if hasattr(self.sim, "full"):
+                with torch.no_grad():
+                    self.sim.full.copy_(torch.eye(cfg.n_pairs, dtype=self.dtype) + K.to(self.dtype))
+            else:
+                self.sim.init_from_(K, generator=g)
+        self.sim.to(self.device)
 
     def _init_optimizer(self) -> None:
         cfg = self.cfg
@@ -189,8 +209,18 @@ class Distiller:
             self.groups["sim"] = list(self.sim.parameters())
         lrs = {"images": (cfg.lr_img, cfg.momentum_syn), "texts": (cfg.lr_txt, cfg.momentum_syn),
                "lrs": (cfg.lr_lr, cfg.momentum_lr), "sim": (cfg.lr_sim, cfg.momentum_sim)}
-        self.opt = torch.optim.SGD([{"params": ps, "lr": lrs[k][0], "momentum": lrs[k][1]}
-                                    for k, ps in self.groups.items()], lr=0.0)
+        sgd = [{"params": ps, "lr": lrs[k][0], "momentum": lrs[k][1]} for k, ps in self.groups.items() if k != "sim"]
+        self.sim_opt = None
+        if self.sim is not None:
+            sim_groups = [{"params": self.groups["sim"], "lr": cfg.lr_sim}]
+            if cfg.lr_sim_factors is not None:  # lowrank: diag at lr_sim, L and R at lr_sim_factors
+                sim_groups = [{"params": [self.sim.diag], "lr": cfg.lr_sim},
+                              {"params": [self.sim.left, self.sim.right], "lr": cfg.lr_sim_factors}]
+            if cfg.sim_optimizer == "adam":
+                self.sim_opt = torch.optim.Adam(sim_groups, lr=cfg.lr_sim, betas=(0.9, 0.999))
+            else:
+                sgd += [dict(grp, momentum=cfg.momentum_sim) for grp in sim_groups]
+        self.opt = torch.optim.SGD(sgd, lr=0.0)
 
     def _needed_epochs(self) -> list[int]:
         return list(range(self.cfg.max_start_epoch - 1 + self.cfg.expert_epochs + 1))
@@ -298,6 +328,10 @@ class Distiller:
         cfg, t0 = self.cfg, time.perf_counter()
         it = self.iteration
         grads, metrics = self.gradients()
+        if self.sim is not None and cfg.sim_diagnostics:
+            from lors_fast.engine.sim_diagnostics import update_rates
+
+            metrics.update(update_rates(self.sim, grads["sim"]))  # before clipping (which scales in place)
         for k, ps in self.groups.items():
             norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads[k])))
             metrics[f"grad_norm_{k}"] = norm
@@ -311,7 +345,17 @@ class Distiller:
             raise DistillDivergedError(f"iteration {it + 1}: non-finite loss {metrics['loss']}; {self._last_good()}")
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        if self.sim_opt is not None:
+            self.sim_opt.step()
+            self.sim_opt.zero_grad(set_to_none=True)
         self._project_sim()
+        if self.sim is not None and cfg.sim_diagnostics and cfg.n_pairs <= 2048:
+            from lors_fast.engine.sim_diagnostics import agreement, sim_state
+
+            with torch.no_grad():
+                S = self.sim.dense()
+            metrics.update(sim_state(S))
+            metrics.update(agreement(S, self.caption_cos, cfg.caption_threshold))
         if cfg.clamp_lr is not None:
             with torch.no_grad():
                 self.lr_img.clamp_(min=cfg.clamp_lr)
@@ -386,6 +430,10 @@ class Distiller:
                 buf = self.opt.state.get(p, {}).get("momentum_buffer")
                 if buf is not None:
                     t[f"opt.{k}.{j}"] = buf
+        if self.sim_opt is not None:  # Adam moments of the similarity factors (exact resume)
+            for j, p in enumerate(self.groups["sim"]):
+                for key, v in self.sim_opt.state.get(p, {}).items():
+                    t[f"opt.sim_adam.{j}.{key}"] = torch.as_tensor(v)
         t["rng.gen"] = self.gen.get_state()
         t["rng.cpu"] = torch.get_rng_state()
         if self.device.type == "cuda":
@@ -446,6 +494,12 @@ class Distiller:
                 key = f"opt.{k}.{j}"
                 if key in tensors:
                     self.opt.state[p]["momentum_buffer"] = tensors[key].to(p.device, p.dtype).clone()
+        if self.sim_opt is not None:
+            for j, p in enumerate(self.groups["sim"]):
+                st = {key.rsplit(".", 1)[1]: v.clone() for key, v in tensors.items()
+                      if key.startswith(f"opt.sim_adam.{j}.")}
+                if st:
+                    self.sim_opt.state[p] = st
         self.gen.set_state(tensors["rng.gen"])
         torch.set_rng_state(tensors["rng.cpu"])
         if "rng.cuda" in tensors and self.device.type == "cuda":

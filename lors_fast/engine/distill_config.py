@@ -36,12 +36,14 @@ __all__ = ["DistillConfig", "PRESETS", "METHODS", "SIMILARITIES", "INITS", "CLIP
 METHODS = ("tesla", "mtt")
 SIMILARITIES = ("lowrank", "full", "none")
 SIM_CONSTRAINTS = ("none", "nonneg")
+SIM_INITS = ("identity", "caption")
+SIM_OPTIMIZERS = ("sgd", "adam")
 INITS = ("real", "noise")
 CLIP_GROUPS = ("images", "texts", "lrs", "sim")
 LOSS_KINDS = KINDS  # the student-loss choices: every kind
 LOSS_BACKENDS = ("auto", "reference", "streaming", "triton")
 CHECKPOINTS = ("none", "torch", "deepspeed")
-DATASETS = ("synthetic", "flickr", "coco")
+DATASETS = ("synthetic", "flickr", "coco", "synthetic-mm")
 DTYPES = ("float32", "float64")
 
 
@@ -99,6 +101,14 @@ class DistillConfig:
     momentum_sim: float = 0.5
     clamp_lr: float | None = None  # lower bound for η after each step (reference --clamp_lr)
     clip_grad: dict[str, float] = field(default_factory=dict)  # per-group max grad norm (not in reference)
+    # --- similarity-mining options (issue 18; the defaults keep the behaviour above). See README "Results".
+    sim_init: str = "identity"  # identity (a = 1, R = 0) | caption: S ≈ I + sim_init_scale·relu(cos − thr)/(1 − thr)
+    sim_init_scale: float = 0.3  # off-diagonal scale of sim_init="caption" (cos: the init captions' cosine)
+    sim_init_right: float = 0.0  # lowrank: R ~ this·N(0,1) at the start (|·| under nonneg); 0 = the reference
+    lr_sim_factors: float | None = None  # lowrank: lr of L and R (None: lr_sim, which then sets the diagonal's)
+    sim_optimizer: str = "sgd"  # sgd (heavy ball, momentum_sim) | adam (betas 0.9/0.999): a normalised update
+    caption_threshold: float = 0.8  # caption cosine above which a pair counts as similar (diagnostics, sim_init)
+    sim_diagnostics: bool = True  # per-iteration S diagnostics in metrics.jsonl (lors_fast.engine.sim_diagnostics)
     # --- engine
     checkpoint: str = "none"  # activation checkpointing: none | torch | deepspeed
     deepspeed_config: str | None = None  # DeepSpeed JSON: its activation_checkpointing section (checkpoint=deepspeed)
@@ -177,8 +187,8 @@ class DistillConfig:
         integer("data_seed", 0)
         integer("dead_patience", 1)
         real("loss_bound", 0.0)
-        if self.n_train is not None and integer("n_train", 1) and self.dataset != "synthetic":
-            e.append(f"n_train applies to dataset='synthetic' only, got dataset={self.dataset!r}")
+        if self.n_train is not None and integer("n_train", 1) and self.dataset not in ("synthetic", "synthetic-mm"):
+            e.append(f"n_train applies to the synthetic datasets only, got dataset={self.dataset!r}")
         if self.text_encoder is not None and (not isinstance(self.text_encoder, str) or not self.text_encoder):
             e.append(f"text_encoder must be a non-empty string or None (the store's), got {self.text_encoder!r}")
         if n_ok and b_ok and self.mini_batch > self.n_pairs:
@@ -195,6 +205,19 @@ class DistillConfig:
             if isinstance(v, (int, float)) and v >= 1:
                 e.append(f"{name} must be < 1, got {v!r}")
         real("clamp_lr", 0.0, strict=False, allow_none=True)
+        choice("sim_init", SIM_INITS)
+        choice("sim_optimizer", SIM_OPTIMIZERS)
+        real("sim_init_scale", 0.0, strict=False)
+        real("sim_init_right", 0.0, strict=False)
+        real("lr_sim_factors", 0.0, strict=False, allow_none=True)
+        real("caption_threshold")
+        if isinstance(self.caption_threshold, (int, float)) and not -1 <= self.caption_threshold < 1:
+            e.append(f"caption_threshold must be a cosine in [-1, 1), got {self.caption_threshold!r}")
+        if not isinstance(self.sim_diagnostics, bool):
+            e.append(f"sim_diagnostics must be true or false, got {self.sim_diagnostics!r}")
+        if self.similarity != "lowrank" and (self.sim_init_right or self.lr_sim_factors is not None):
+            e.append(f"sim_init_right and lr_sim_factors apply to similarity='lowrank' only, got "
+                     f"similarity={self.similarity!r}")
         if self.sim_constraint not in SIM_CONSTRAINTS:
             e.append(f"sim_constraint must be one of {SIM_CONSTRAINTS}, got {self.sim_constraint!r}")
         for k, v in self.clip_grad.items():

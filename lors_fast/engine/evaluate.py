@@ -493,9 +493,9 @@ def _run(cfg: EvalConfig, progress) -> dict:
         spec = StudentSpec(text_dim=int(d.texts.shape[1]), image_size=int(d.images.shape[-1]))
     loss = cfg.loss or meta.get("loss") or "infonce"
     dataset = cfg.dataset or str(meta.get("dataset") or "").split("/")[0] or None
-    if not isinstance(dataset, str) or dataset not in ("synthetic", "flickr", "coco"):
+    if not isinstance(dataset, str) or dataset not in ("synthetic", "flickr", "coco", "synthetic-mm"):
         raise ValueError(f"cannot tell the dataset of {cfg.ckpt} (its metadata says {meta.get('dataset')!r}); "
-                         "pass --dataset synthetic|flickr|coco")
+                         "pass --dataset synthetic|synthetic-mm|flickr|coco")
     encoder = cfg.text_encoder or meta.get("text_encoder") or "minilm"
     ecfg = EvalConfig(**{**cfg.to_dict(), "loss": loss})
     kw = dict(text_encoder=encoder, data_root=cfg.data_root, ann_root=cfg.ann_root, cache_dir=cfg.cache_dir)

@@ -33,6 +33,7 @@ class MainJobConfig:
     """Options of the main job (the embedded default; everything else is the stages' presets)."""
 
     out: str = "runs/main"
+    dataset: str = "synthetic"  # an embedded dataset: synthetic (the default) | synthetic-mm (many-to-many)
     cache_dir: str | None = None  # dataset, text embeddings and the buffer (default $LORS_FAST_CACHE or ~/.cache)
     rank: int = 10
     alpha: float | None = None  # None: the "default" distill preset's
@@ -48,6 +49,7 @@ class MainJobConfig:
     parallel: bool = True  # distill LoRS and the baseline in two processes (one thread each)
     progress: bool = True
     distill: dict = field(default_factory=dict)  # extra DistillConfig overrides
+    lors_distill: dict = field(default_factory=dict)  # extra DistillConfig overrides of the LoRS run only
     buffer: dict = field(default_factory=dict)  # extra BufferConfig overrides
     eval: dict = field(default_factory=dict)  # extra EvalConfig overrides
 
@@ -63,6 +65,8 @@ class MainJobConfig:
                 e.append(f"{name} must be a non-negative int or None, got {v!r}")
         if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
             e.append(f"alpha must be > 0, got {self.alpha!r}")
+        if self.dataset not in ("synthetic", "synthetic-mm"):
+            e.append(f"dataset must be 'synthetic' or 'synthetic-mm' (the embedded sets), got {self.dataset!r}")
         if isinstance(self.rank, int) and isinstance(self.n_pairs, int) and self.rank > self.n_pairs:
             e.append(f"rank ({self.rank}) must be <= n_pairs ({self.n_pairs})")
         if e:
@@ -89,10 +93,11 @@ def _buffer(cfg: MainJobConfig, say) -> tuple[str, dict]:
     """Train (or reuse) the expert buffer of the embedded default."""
     from lors_fast.engine import buffer as buffer_stage
 
-    name = "synthetic-default" if (cfg.n_train is None and cfg.text_encoder == "minilm" and not cfg.buffer) else \
-        "synthetic-" + _digest({"n_train": cfg.n_train, "encoder": cfg.text_encoder, **cfg.buffer})
+    name = f"{cfg.dataset}-default" if (cfg.n_train is None and cfg.text_encoder == "minilm" and not cfg.buffer) \
+        else f"{cfg.dataset}-" + _digest({"n_train": cfg.n_train, "encoder": cfg.text_encoder, **cfg.buffer})
     bcfg = buffer_stage.BufferConfig.from_preset(
-        "synthetic", out=str(_cache(cfg) / "buffers" / name), cache_dir=cfg.cache_dir, progress=cfg.progress,
+        "synthetic", dataset=cfg.dataset, out=str(_cache(cfg) / "buffers" / name), cache_dir=cfg.cache_dir,
+        progress=cfg.progress,
         n_train=cfg.n_train, text_encoder=cfg.text_encoder, **cfg.buffer)
     t0 = time.perf_counter()
     summary = buffer_stage.run(bcfg)
@@ -110,6 +115,7 @@ def _distill_cfg(cfg: MainJobConfig, buffer: str, name: str, similarity: str, th
     from lors_fast.engine.distill_config import load_config
 
     over = dict(buffer=buffer, out=str(Path(cfg.out) / name), similarity=similarity, n_pairs=cfg.n_pairs,
+                dataset=cfg.dataset,
                 seed=cfg.seed, cache_dir=cfg.cache_dir, progress=cfg.progress and not cfg.parallel,
                 threads=threads)
     if similarity == "lowrank":
@@ -119,6 +125,8 @@ def _distill_cfg(cfg: MainJobConfig, buffer: str, name: str, similarity: str, th
     if cfg.iterations is not None:
         over["iterations"] = cfg.iterations
     over.update(cfg.distill)
+    if similarity != "none":
+        over.update(cfg.lors_distill)
     return load_config("default", **over)
 
 
@@ -144,8 +152,8 @@ def _eval_cfg(cfg: MainJobConfig):
 _EVAL_CONTEXT: dict = {}  # per process: (cache_dir, buffer) -> (spec, val, test, encoder, n_train)
 
 
-def _eval_context(cache_dir, buffer: str):
-    key = (cache_dir, buffer)
+def _eval_context(cache_dir, buffer: str, dataset: str = "synthetic"):
+    key = (cache_dir, buffer, dataset)
     if key not in _EVAL_CONTEXT:
         from lors_fast.engine.evaluate import load_retrieval_set
         from lors_fast.engine.trajectories import TrajectoryStore
@@ -154,8 +162,8 @@ def _eval_context(cache_dir, buffer: str):
         store = TrajectoryStore(buffer)
         enc = store.meta.get("encoder", "minilm")
         _EVAL_CONTEXT[key] = (StudentSpec.from_dict(store.meta["spec"]),
-                              load_retrieval_set("synthetic", "val", text_encoder=enc, cache_dir=cache_dir),
-                              load_retrieval_set("synthetic", "test", text_encoder=enc, cache_dir=cache_dir),
+                              load_retrieval_set(dataset, "val", text_encoder=enc, cache_dir=cache_dir),
+                              load_retrieval_set(dataset, "test", text_encoder=enc, cache_dir=cache_dir),
                               enc, store.meta.get("n_train"))
     return _EVAL_CONTEXT[key]
 
@@ -164,13 +172,13 @@ _RANDOM_SUBSET: dict = {}  # per process: the random real pairs (the same for ev
 
 
 def _random_subset(cfg: MainJobConfig, encoder: str, n_train):
-    key = (cfg.cache_dir, encoder, n_train, cfg.n_pairs, cfg.seed)
+    key = (cfg.cache_dir, cfg.dataset, encoder, n_train, cfg.n_pairs, cfg.seed)
     if key not in _RANDOM_SUBSET:
         from lors_fast.data.datasets import load_split
         from lors_fast.data.text import caption_embeddings
         from lors_fast.engine.coreset import random_pairs
 
-        train = load_split("synthetic", "train", cache_dir=cfg.cache_dir, n_images=n_train)
+        train = load_split(cfg.dataset, "train", cache_dir=cfg.cache_dir, n_images=n_train)
         emb = caption_embeddings(train, encoder, cache_dir=cfg.cache_dir)
         img_idx, cap_idx = random_pairs(cfg.n_pairs, train.img2txt, seed=cfg.seed)
         _RANDOM_SUBSET[key] = (train.normalized(img_idx), emb[cap_idx])
@@ -188,7 +196,7 @@ def _eval_one(cfg: MainJobConfig, buffer: str, ckpt: str | None, k: int, threads
     if threads is not None:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    spec, val, test, encoder, n_train = _eval_context(cfg.cache_dir, buffer)
+    spec, val, test, encoder, n_train = _eval_context(cfg.cache_dir, buffer, cfg.dataset)
     ecfg = _eval_cfg(cfg)
     if ckpt is None:
         images, texts = _random_subset(cfg, encoder, n_train)
@@ -393,10 +401,12 @@ def run_main_job(cfg: MainJobConfig) -> dict:
     record = {"config": asdict(cfg), "buffer": buffer, "timings_s": timings,
               "checkpoints": {k: v[0] for k, v in distilled.items()},
               "summaries": {k: v["summary"] for k, v in results.items()},
+              "run_r_mean": {k: [(r.get("val_selected") or {}).get("test", {}).get("r_mean") for r in v["runs"]]
+                             for k, v in results.items()},  # per evaluation seed (paired comparisons)
               "learned_lrs": {k: [v.get("lr_img"), v.get("lr_txt")] for k, v in results.items()},
               "table_markdown": table, "pictures": pictures}
     atomic_write(out / "results.json", json.dumps(record, indent=1).encode())
-    md = (f"# Main job: {cfg.n_pairs} pairs, embedded default dataset\n\nTest split, metrics at the epoch selected "
+    md = (f"# Main job: {cfg.n_pairs} pairs, embedded dataset {cfg.dataset}\n\nTest split, metrics at the epoch selected "
           f"on val, mean ± std over {cfg.eval_runs} evaluation seeds (last column: final epoch).\n\n{table}\n\n"
           f"Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + "\n")
     atomic_write(out / "results.md", md.encode())
