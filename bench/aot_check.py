@@ -39,6 +39,7 @@ import torch  # noqa: E402
 ARCHS = {90: ("sm_90a", 227 * 1024), 80: ("sm_80", 163 * 1024), 89: ("sm_89", 99 * 1024)}
 SMEM_LIMIT = ARCHS[90][1]
 from lors_fast.ops.triton_backend import _KINDS as KINDS  # noqa: E402  (the kernels' kind codes)
+
 # (stage, kind, target): what a contrastive loss launches (infonce/siglip: lse/softplus with the identity
 # target; the low-rank kinds: wbce/bce/mse with TGT = 1)
 CASES = [("fwd", "lse", 0), ("fwd", "wbce", 1), ("bwd", "lse", 0), ("bwd", "wbce", 1),
