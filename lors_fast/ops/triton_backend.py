@@ -304,6 +304,15 @@ def _guard(device):
 
 # ----------------------------------------------------------------------------------------------- LSE
 def _lse_forward(c: _Ctx):
+    from lors_fast.ops import strip
+
+    if strip.choose(c, "lse", lambda: strip.gpu_timer(lambda: _lse_fused_forward(c),
+                                                      lambda: strip.lse_forward(c))) == "strip":
+        return strip.lse_forward(c)
+    return _lse_fused_forward(c)
+
+
+def _lse_fused_forward(c: _Ctx):
     K = _kernels()
     cfg = c.cfg("fwd")
     nbm = triton_cdiv(c.M, cfg.BM)
@@ -334,10 +343,14 @@ def triton_cdiv(a, b):
 
 def _lse_backward(c: _Ctx, lr, lc, glr, glc):
     """(dU, dV, ds, db) of ⟨glr, lse_row⟩ + ⟨glc, lse_col⟩."""
+    from lors_fast.ops import strip
+
     K = _kernels()
     cfg = c.cfg("bwd")
     glr = glr.detach().to(c.acc).contiguous()
     glc = glc.detach().to(c.acc).contiguous()
+    if strip.choose(c, "lse") == "strip":
+        return strip.backward(c, 0, lse=(lr.detach().contiguous(), lc.detach().contiguous(), glr, glc))[:4]
     if cfg.STRIP:
         return _backward_strips(c, cfg, 0, lse=(lr, lc, glr, glc))[:4]
     d = c.dummy()
@@ -456,6 +469,16 @@ def _lowrank_parts(target, c: _Ctx):
 
 
 def _pair_forward(c: _Ctx, kind, target, w):
+    from lors_fast.ops import strip
+
+    if strip.choose(c, "pair", lambda: strip.gpu_timer(lambda: _pair_fused_forward(c, kind, target, w),
+                                                       lambda: strip.pair_forward(c, _KINDS[kind], target, w))
+                    ) == "strip":
+        return strip.pair_forward(c, _KINDS[kind], target, w)
+    return _pair_fused_forward(c, kind, target, w)
+
+
+def _pair_fused_forward(c: _Ctx, kind, target, w):
     K = _kernels()
     cfg = c.cfg("fwd", pair=True)
     tgt, a, lc, r_, r = _lowrank_parts(target, c)
@@ -472,6 +495,10 @@ def _pair_forward(c: _Ctx, kind, target, w):
 
 def _pair_backward(c: _Ctx, kind, target, w, g):
     """(dU, dV, ds, db, da, dLc, dR) of g·Σφ."""
+    from lors_fast.ops import strip
+
+    if strip.choose(c, "pair") == "strip":
+        return strip.backward(c, _KINDS[kind], target=target, w=w, g=g)
     K = _kernels()
     cfg = c.cfg("bwd", pair=True)
     if cfg.STRIP:

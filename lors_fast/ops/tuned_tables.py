@@ -32,7 +32,7 @@ __all__ = ["CONFIG_KEYS", "ENV", "PACKAGED", "VERSION", "device_key", "load_tabl
 VERSION = 1
 PACKAGED = Path(__file__).with_name("tuned_configs.json")
 ENV = "LORS_FAST_TRITON_CONFIGS"
-CONFIG_KEYS = ("BM", "BN", "BK", "BDO", "num_warps", "num_stages", "WD", "FLAT", "QFAST", "STRIP")
+CONFIG_KEYS = ("BM", "BN", "BK", "BDO", "num_warps", "num_stages", "WD", "FLAT", "QFAST", "STRIP", "PATH")
 
 _CACHE: dict = {}
 
