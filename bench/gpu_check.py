@@ -64,6 +64,9 @@ import torch  # noqa: E402
 
 from lors_fast.core.reference import reference_lse, reference_pairsum  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from roofline import predict_ms  # noqa: E402
+
 OUT = os.environ.get("OUT") or os.path.dirname(os.path.abspath(__file__))
 RES: dict = {"meta": {}, "ceiling": {}, "correctness": [], "sweep": [], "timing": [], "double_backward": [],
              "providers": [], "errors": []}
@@ -153,6 +156,11 @@ def sec_ceiling(until):
         RES["ceiling"][name] = dict(ms=ms[0], tflops=2 * n**3 / ms[0] / 1e9)
         log(f"matmul {name} {n}^3: {ms[0]:.3f} ms, {RES['ceiling'][name]['tflops']:.0f} TFLOP/s")
     torch.backends.cuda.matmul.allow_tf32 = False
+    x = torch.empty(2**28, device=DEV, dtype=torch.float32)  # 1 GiB read + 1 GiB written per copy
+    y = torch.empty_like(x)
+    ms = bench(lambda: y.copy_(x), warmup=5, rep=50)
+    RES["ceiling"]["bandwidth_tbs"] = 2 * x.numel() * 4 / ms[0] / 1e9
+    log(f"copy 1 GiB: {ms[0]:.3f} ms, {RES['ceiling']['bandwidth_tbs']:.2f} TB/s")
 
 
 # ------------------------------------------------------------------------------------ correctness
@@ -452,14 +460,9 @@ def time_row(provider, kind, lowrank, N, d, dtype, until, double=False):
     N, d = _sz(N, 64), _sz(d, 32)
     r = 10 if lowrank else 0
     img, txt, scale, tgt, bias, leaves = _problem(N, d, dtype, kind, lowrank)
-    overrides = {}
-    if provider in ("triton", "triton-strip"):
+    path = {"triton": None, "triton-strip": "strip", "triton-fused": "fused"}.get(provider, "none")
+    if path != "none":  # triton: auto's choice; triton-strip / -fused: that path (lors_fast.ops.strip)
         fn_loss, backend = lors_fast.contrastive_loss, "triton"
-        if provider == "triton-strip":  # the backward by strips (the first STRIP candidates), whatever the sweep chose
-            from lors_fast.ops.triton_tuning import CANDIDATES
-
-            dn = str(dtype).replace("torch.", "")
-            overrides = {(st, dn): next(c for c in CANDIDATES[st] if c and c.get("STRIP")) for st in ("bwd", "bwd_pair")}
     elif provider == "eager":
         fn_loss, backend = lors_fast.contrastive_loss, "reference"
     elif provider == "streaming":  # our chunked torch path (cuBLAS GEMMs on row chunks), O(chunk·N) memory
@@ -494,11 +497,11 @@ def time_row(provider, kind, lowrank, N, d, dtype, until, double=False):
             gs = torch.autograd.grad(loss, leaves, create_graph=True)
             f2 = sum((c * x).sum() for c, x in zip(cots, gs))
             return torch.autograd.grad(f2, leaves, allow_unused=True)
-    from lors_fast.ops import triton_backend as tb
+    import contextlib
 
-    saved = {k: tb.CONFIG_OVERRIDE.get(k) for k in overrides}
-    tb.CONFIG_OVERRIDE.update(overrides)
-    try:
+    from lors_fast.ops import strip
+
+    with strip.override(path=path) if path not in (None, "none") else contextlib.nullcontext():
         t1 = time.time()
         fn()  # compile / warm up
         if not DRY:
@@ -506,19 +509,17 @@ def time_row(provider, kind, lowrank, N, d, dtype, until, double=False):
         first_s = time.time() - t1
         ms = bench(fn, warmup=2, rep=40 if N <= 32768 else 20)
         mem = peak_mem(fn)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                tb.CONFIG_OVERRIDE.pop(k, None)
-            else:
-                tb.CONFIG_OVERRIDE[k] = v
     row = dict(provider=provider, kind=kind, target="lowrank" if lowrank else "identity", N=N, d=d, r=r,
                dtype=str(dtype).replace("torch.", ""), mode="fwd+bwd+dbl" if double else "fwd+bwd",
                ms=ms[0], p20=ms[1], p80=ms[2], tflops=_flops(N, d, r) / ms[0] / 1e9, peak_mib=mem,
-               first_call_s=first_s)
+               first_call_s=first_s, path=strip.last_path() if path != "none" else None)
+    ceil = RES["ceiling"].get("bf16" if dtype in (torch.bfloat16, torch.float16) else "tf32", {})
+    row["pred_ms"] = None if double else predict_ms(provider, kind, lowrank, N, d, r, row["dtype"], ceil.get("tflops"),
+                                                    RES["ceiling"].get("bandwidth_tbs"))
     (RES["double_backward"] if double else RES["timing"]).append(row)
+    pred = f"roofline {row['pred_ms']:8.3f} ms" if row["pred_ms"] else "roofline -"
     log(f"{provider:8s} {kind:8s} {row['target']:8s} N={N:6d} d={d} {row['dtype']:8s} {row['mode']:11s} "
-        f"{ms[0]:9.3f} ms [{ms[1]:.3f},{ms[2]:.3f}]  {row['tflops']:6.1f} TF/s(model)  {mem:9.1f} MiB")
+        f"{ms[0]:9.3f} ms [{ms[1]:.3f},{ms[2]:.3f}]  {pred}  {row['tflops']:6.1f} TF/s(model)  {mem:9.1f} MiB")
     return row
 
 
@@ -543,8 +544,9 @@ def sec_targets(until):
     for kind, lr in (("infonce", False), ("wbce", True)):
         for prov in ("triton", "eager", "streaming"):
             _try(prov, kind, lr, 32768, 512, bf, until)
-    _try("triton-strip", "infonce", False, 32768, 512, bf, until)
-    _try("triton-strip", "wbce", True, 32768, 512, bf, until)
+    for kind, lr in (("infonce", False), ("wbce", True)):  # both paths side by side (auto's pick: "triton")
+        _try("triton-strip", kind, lr, 32768, 512, bf, until)
+        _try("triton-fused", kind, lr, 32768, 512, bf, until)
     _try("triton", "infonce", True, 32768, 512, bf, until)
     _try("triton", "siglip", False, 32768, 512, bf, until)
     # double backward vs fwd+bwd at N = 8192
@@ -776,73 +778,14 @@ def sec_providers(until):
 
 # ------------------------------------------------------------------------------------------ report
 def write_report():
+    from _gpu_report import write_csv, write_markdown
+
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "gpu_results.json"), "w") as f:
         json.dump(RES, f, indent=1, default=str)
-    m = RES["meta"]
-    lines = [f"# GPU check — {m.get('gpu', '?')}, torch {m.get('torch')}, CUDA {m.get('cuda')}, "
-             f"triton {m.get('triton')}, {m.get('date')}", ""]
-    if RES["ceiling"]:
-        lines.append("Ceiling (dense 8192³ matmul): " + ", ".join(
-            f"{k} {v['tflops']:.0f} TFLOP/s" for k, v in RES["ceiling"].items()))
-        lines.append("")
-    if RES["correctness"]:
-        ok = sum(c["ok"] for c in RES["correctness"])
-        lines += [f"## Correctness vs float64 oracle ({ok}/{len(RES['correctness'])} pass)", "",
-                  "| prim | kind | target | M | N | d | scale | mode | worst rel err (value, ∂, ∂²) | eager same dtype "
-                  "| ok |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for c in RES["correctness"]:
-            lines.append(f"| {c['prim']} | {c['kind']} | {c['target']} | {c['M']} | {c['N']} | {c['d']} | "
-                         f"{c['scale']:g} | {c['mode']} | {c['worst']:.2e} | {c['worst_eager']:.2e} | {'yes' if c['ok'] else 'NO'} |")
-        lines.append("")
-    if RES.get("precompile"):
-        pc = RES["precompile"]
-        lines += [f"Precompile (worker processes): {pc['done']}/{pc['jobs']} candidate jobs, {pc['compile_s']} s of "
-                  f"worker time, {pc['failed']} failed", ""]
-    if RES.get("sweep_best"):
-        lines += [f"Config sweep (bf16, N=16384, d=512) best: `{RES['sweep_best']}`", ""]
-    bf = RES["ceiling"].get("bf16", {}).get("tflops")
-    tf = RES["ceiling"].get("tf32", {}).get("tflops")
-    for title, rows in (("fwd+bwd", RES["timing"]), ("double backward", RES["double_backward"])):
-        if not rows:
-            continue
-        lines += [f"## Timings: {title} (lors_fast.contrastive_loss; ms median [p20, p80]; TFLOP/s by 8·N²·(d+r))",
-                  "", "| provider | kind | target | N | d | dtype | ms | p20 | p80 | TFLOP/s | % of matmul | peak MiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            ceil = bf if r["dtype"] in ("bfloat16", "float16") else tf
-            pct = f"{100 * r['tflops'] / ceil:.0f}%" if ceil and r["mode"] == "fwd+bwd" else "-"
-            lines.append(f"| {r['provider']} | {r['kind']} | {r['target']} | {r['N']} | {r['d']} | {r['dtype']} | "
-                         f"{r['ms']:.3f} | {r['p20']:.3f} | {r['p80']:.3f} | {r['tflops']:.1f} | {pct} | "
-                         f"{r['peak_mib']:.1f} |")
-        lines.append("")
-    if RES["providers"] or any(r["provider"] in _OTHER_PROVIDERS for r in RES["timing"]):
-        lines += ["## Other providers: symmetric hard-label CLIP loss (infonce, identity target), fwd+bwd", "",
-                  "| provider | N | d | input dtype | loss | ours (triton) | rel err loss | rel err ∂U, ∂V, ∂s | "
-                  "ms | ours ms | ours/theirs (time) | peak MiB | ours peak MiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for c in RES["providers"]:
-            t = next((r for r in RES["timing"] if r["provider"] == c["provider"] and r["N"] == c["N"] and
-                      r["d"] == c["d"] and r["dtype"] == c["dtype"]), {})
-            ge = ", ".join(f"{v:.1e}" for v in c["rel_err_grad"].values())
-
-            def fm(k, f="{:.3f}", t=t):
-                return f.format(t[k]) if k in t else "-"
-            lines.append(f"| {c['provider']} | {c['N']} | {c['d']} | {c['dtype']} | {c['loss_theirs']:.6f} | "
-                         f"{c['loss_ours']:.6f} | {c['rel_err_value']:.1e} | {ge} | {fm('ms')} | {fm('ours_ms')} | "
-                         f"{fm('ratio_ours_over_theirs')} | {fm('peak_mib', '{:.1f}')} | "
-                         f"{fm('ours_peak_mib', '{:.1f}')} |")
-        lines.append("")
-        lines += [f"- {k}: {v}" for k, v in OTHER_NOTES.items()]
-        lines += [f"- {k}: {m[k]}" for k in ("openclip_source", "infcl_source", "infcl_dtypes_run") if k in m]
-        lines += ["- ours/theirs (time) < 1: ours is faster; the rows are also in the timing table (provider column).",
-                  ""]
-    if RES["errors"]:
-        lines += ["## Errors / skipped", ""] + [f"- {e['section']}: {e['error'][:300]}" for e in RES["errors"]]
-    with open(os.path.join(OUT, "gpu_results.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    log(f"wrote {OUT}/gpu_results.json and gpu_results.md")
+    write_markdown(RES, OUT, _OTHER_PROVIDERS, OTHER_NOTES)
+    write_csv(RES, OUT)
+    log(f"wrote {OUT}/gpu_results.json, gpu_results.md and gpu_results.csv")
 
 
 def main():

@@ -158,3 +158,20 @@ def test_auto_times_once_and_caches(monkeypatch, tmp_path):
         assert strip.choose(c, "lse", timer) == "fused"
     finally:
         tuned_tables.reset_cache()
+
+
+def test_roofline_predictions_match_results_gpu():
+    """bench/roofline.py's model gives the predictions written into bench/RESULTS_GPU.md."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("_roofline", root / "bench" / "roofline.py")
+    rl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rl)
+    inf = rl.strip_ms(32768, 512, 0, "bfloat16", False, 700, 4.8)
+    wb = rl.strip_ms(32768, 512, 10, "bfloat16", True, 700, 4.8)
+    text = (root / "bench" / "RESULTS_GPU.md").read_text()
+    assert f"**{inf:.2f}**" in text and f"**{wb:.2f}**" in text, (inf, wb)
+    assert 1.0 < wb / inf < 1.5 and rl.predict_ms("eager", "infonce", False, 64, 8, 0, "float32", 1, 1) is None
+    assert rl.predict_ms("triton-strip", "wbce", True, 32768, 512, 10, "bfloat16", 700, 4.8) == wb

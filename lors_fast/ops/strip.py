@@ -9,12 +9,14 @@ once:
   LSEc = logaddexp over strips of log Σ_p csum_p·e^{cmax_p}), or the pair sums Σ φ(Z, S);
 - backward: G = ∂out/∂Z (16-bit for 16-bit inputs) and, for a low-rank target, H = ∂out/∂S; then library
   matmuls: dU_k = s·G·V, dV += s·Gᵀ·U_k, dLc_k = H·R, dR += Hᵀ·Lc_k, da = diag(H); ∂s = Σ G⊙X and
-  ∂b = Σ G from per-tile fp32 partials.
+  ∂b = Σ G from per-tile fp32 partials;
+- double backward (:func:`double`): per strip X and Mt = Ū_k·Vᵀ + U_k·V̄ᵀ (one GEMM of K = 2d), one epilogue
+  emitting A = s·δZ + s̄·G and G (and δS, H for a low-rank target), then library matmuls; the LSE kinds first
+  run a pass over all strips for ρ_i = Σ_j p_ij W_ij and κ_j = Σ_i q_ij W_ij.
 
 Memory O(strip·N): the strip has ``rows`` = budget / (N · bytes per element of the strip's buffers) rows
 (at least one epilogue block, at most M), or :attr:`StripOptions.strip_rows`. Deterministic: every sum runs
-in a fixed order (strips in order, per-tile partials summed by torch). The double backward of a launch
-made on this path runs on the fused double-backward kernels (exact; not yet by strips).
+in a fixed order (strips in order, per-tile partials summed by torch).
 
 Path choice (:func:`choose`): ``LORS_FAST_TRITON_PATH`` = ``auto`` (default) | ``fused`` | ``strip``, or
 :func:`override`. ``auto`` on a GPU: calls with M·N < :data:`LARGE` take the fused kernels; the first large
@@ -273,3 +275,83 @@ def backward(c, kind_code: int, lse=None, target=None, w=None, g=None):
         pb.append(part_b.sum())
     dV = (dV * c.s).to(c.dtype)
     return dU, dV, torch.stack(ps).sum(), torch.stack(pb).sum(), (da if tgt else None), dL, dR
+
+
+def double(c, kind_code: int, Ub, Vb, sbar, bbar, lse=None, target=None, w=None, g=None, tbar=None):
+    """The double backward by strips: gradients of T = ⟨Ū, ∂U⟩ + ⟨V̄, ∂V⟩ + s̄·∂s + b̄·∂b (+ the target's
+    ⟨ā, ∂a⟩ + ⟨L̄, ∂Lc⟩ + ⟨R̄, ∂R⟩, ``tbar``) w.r.t. the inputs (maths: strip_kernels._strip_dbl_kernel).
+    Per strip two library GEMMs, X = U_k·Vᵀ and Mt = [Ū_k, U_k]·[V, V̄]ᵀ (K = 2d), feed the epilogue; the LSE
+    kinds first run pass 1 over all strips (ρ and κ, _strip_dbl_pre_kernel). Returns
+    LSE: (gU, gV, gs, gb, ρ, κ) — ρ, κ the gradients w.r.t. the row / column cotangents;
+    pair: (gU, gV, gs, gb, gg, ga, gL, gR), the last three None without a low-rank target."""
+    from lors_fast.ops.triton_backend import _lowrank_parts, _rp, _scalar
+
+    K = _kernels()
+    d = c.dummy()
+    lr, lc_, glr, glc = lse if lse is not None else (d, d, d, d)
+    tgt, a, Lc, R_, r = _lowrank_parts(target, c)
+    w = d if w is None else w
+    g = _scalar(g, c.acc, c.device) if g is not None else d
+    sb, bb = _scalar(sbar, c.acc, c.device), _scalar(bbar, c.acc, c.device)
+    Ub = Ub.detach().to(c.dtype).contiguous()
+    Vb = Vb.detach().to(c.dtype).contiguous()
+    if tgt:
+        cv = lambda t, like: (torch.zeros_like(like) if t is None else  # noqa: E731
+                              t.detach().to(device=c.device, dtype=c.acc).contiguous())
+        ab, Lb_, Rb_ = (cv(t, like) for t, like in zip(tbar or (None,) * 3, (a, Lc, R_)))
+    else:
+        ab = Lb_ = Rb_ = d
+    gdt = c.dtype if c.dtype in (torch.bfloat16, torch.float16) else c.acc
+    esz = c.U.new_empty(0, dtype=c.acc).element_size()
+    gsz = c.U.new_empty(0, dtype=gdt).element_size()
+    rows = _rows(c, 2 * esz + 2 * gsz + (2 * esz if tgt else 0))
+    kw = _kw(c, kind_code, tgt, _rp(r))
+    VV = torch.cat([c.V, Vb], 1)
+
+    def gemms(r0, R):
+        Uk = c.U[r0:r0 + R]
+        return Uk, _mm(Uk, c.V.T, c.acc), _mm(torch.cat([Ub[r0:r0 + R], Uk], 1), VV.T, c.acc)
+
+    rho = kap = d
+    if kind_code == 0:  # pass 1: ρ per row, κ per column (summed over blocks and strips)
+        rho = torch.empty(c.M, dtype=c.acc, device=c.device)
+        kap = torch.zeros(c.N, dtype=c.acc, device=c.device)
+        for r0 in range(0, c.M, rows):
+            R = min(rows, c.M - r0)
+            _, X, Mt = gemms(r0, R)
+            nb = -(-R // kw["BM"])
+            kpart = torch.empty(nb, c.N, dtype=c.acc, device=c.device)
+            K._strip_dbl_pre_kernel[(nb,)](X, Mt, r0, R, c.M, c.N, c.s, c.b, sb, bb, lr, lc_, rho, kpart,
+                                           BM=kw["BM"], BN=kw["BN"], ACC=c.ACC, num_warps=kw["num_warps"])
+            kap += kpart.sum(0)
+    gU = torch.empty_like(c.U)
+    gV = torch.zeros(c.N, c.D, dtype=c.acc, device=c.device)
+    ga = torch.zeros(c.M, dtype=c.acc, device=c.device) if tgt else d
+    gL = torch.empty(c.M, r, dtype=c.acc, device=c.device) if tgt else None
+    gR = torch.zeros(c.N, r, dtype=c.acc, device=c.device) if tgt else None
+    ps, pb, pg = [], [], []
+    for r0 in range(0, c.M, rows):
+        R = min(rows, c.M - r0)
+        Uk, X, Mt = gemms(r0, R)
+        A = torch.empty(R, c.N, dtype=gdt, device=c.device)
+        G = torch.empty(R, c.N, dtype=gdt, device=c.device)
+        DS = torch.empty(R, c.N, dtype=c.acc, device=c.device) if tgt else d
+        H = torch.empty(R, c.N, dtype=c.acc, device=c.device) if tgt else d
+        grid = (-(-R // kw["BM"]), -(-c.N // kw["BN"]))
+        parts = torch.zeros(3, grid[0] * grid[1], dtype=c.acc, device=c.device)
+        K._strip_dbl_kernel[grid](X, Mt, r0, R, c.M, c.N, c.s, c.b, sb, bb, Lc, R_, a, r, w, g, Lb_, Rb_, ab,
+                                  lr, lc_, glr, glc, rho, kap, A, G, DS, H, ga, parts[0], parts[1], parts[2], **kw)
+        del X, Mt
+        gU[r0:r0 + R] = (_mm(A, c.V, c.acc) + _mm(G, Vb, c.acc) * c.s).to(gU.dtype)
+        gV += _mm(A.T, Uk, c.acc) + _mm(G.T, Ub[r0:r0 + R], c.acc) * c.s
+        if tgt:
+            gL[r0:r0 + R] = DS @ R_ + H @ Rb_
+            gR += DS.T @ Lc[r0:r0 + R] + H.T @ Lb_[r0:r0 + R]
+        ps.append(parts[0].sum())
+        pb.append(parts[1].sum())
+        pg.append(parts[2].sum())
+    gV = gV.to(c.dtype)
+    gs, gb = torch.stack(ps).sum(), torch.stack(pb).sum()
+    if kind_code == 0:
+        return gU, gV, gs, gb, rho, kap
+    return gU, gV, gs, gb, torch.stack(pg).sum(), (ga if tgt else None), gL, gR

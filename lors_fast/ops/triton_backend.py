@@ -419,12 +419,17 @@ def _backward_strips(c: _Ctx, cfg, kind: int, lse=None, target=None, w=None, g=N
 
 def _lse_double(c: _Ctx, lr, lc, glr, glc, Ub, Vb, sbar, bbar):
     """Grads of F = ⟨Ū, dU⟩ + ⟨V̄, dV⟩ + s̄·ds + b̄·db w.r.t. (U, V, s, b, glr, glc)."""
+    from lors_fast.ops import strip
+
     K = _kernels()
     cfg = c.cfg("dbl")
     pcfg = c.cfg("pre")
     d = c.dummy()
     glr = glr.detach().to(c.acc).contiguous()
     glc = glc.detach().to(c.acc).contiguous()
+    if strip.choose(c, "lse") == "strip":
+        return strip.double(c, 0, Ub, Vb, sbar, bbar, lse=(lr.detach().contiguous(), lc.detach().contiguous(),
+                                                           glr, glc))
     Ub = Ub.detach().to(c.dtype).contiguous()
     Vb = Vb.detach().to(c.dtype).contiguous()
     sb = _scalar(sbar, c.acc, c.device)
@@ -526,6 +531,11 @@ def _pair_backward(c: _Ctx, kind, target, w, g):
 
 
 def _pair_double(c: _Ctx, kind, target, w, g, Ub, Vb, sbar, bbar, abar, Lbar, Rbar):
+    from lors_fast.ops import strip
+
+    if strip.choose(c, "pair") == "strip":
+        return strip.double(c, _KINDS[kind], Ub, Vb, sbar, bbar, target=target, w=w, g=g,
+                            tbar=(abar, Lbar, Rbar))
     K = _kernels()
     cfg = c.cfg("dbl", pair=True)
     tgt, a, lc, r_, r = _lowrank_parts(target, c)
