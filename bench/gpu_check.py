@@ -10,7 +10,7 @@ Sections (each guarded by a time budget and its own try/except, so the whole run
      rule: err ≤ 2·err(torch eager in that dtype) + floor;
   3. the launch-config tuning of `lors-fast tune-kernels` (lors_fast.ops.triton_tuning: per kernel stage, LSE
      and pair kinds, forward, backward and double backward, bf16; candidates pre-screened by bench/aot_check.py's
-     sm_90a build; the table goes to $OUT/tuned_configs.json), then LOWRANK_16BIT and the fp32 backward's
+     sm_90a build; the table goes to $OUT/tuned_configs.json), then the experimental 16-bit rank-r tiles and the fp32 backward's
      d-chunk; each stage keeps its fastest, used by every later section; a correctness post-check of the
      chosen configs at N = 4097;
   4. timings (median, p20, p80 via triton.testing.do_bench) of lors_fast.contrastive_loss fwd+bwd for
@@ -38,6 +38,7 @@ needed, open_clip/loss.py is loaded alone when `import open_clip` fails):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -68,6 +69,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from roofline import predict_ms  # noqa: E402
 
 OUT = os.environ.get("OUT") or os.path.dirname(os.path.abspath(__file__))
+# the run's option overrides (the sweep's winners), entered for the rest of the run and closed by main()
+_RUN = contextlib.ExitStack()
 RES: dict = {"meta": {}, "ceiling": {}, "correctness": [], "sweep": [], "timing": [], "double_backward": [],
              "providers": [], "errors": []}
 F64 = torch.float64
@@ -365,12 +368,13 @@ def _join_precompile(until):
 def sec_sweep(until):
     """The launch-config tuning of `lors-fast tune-kernels` (lors_fast.ops.triton_tuning: per stage, the default,
     the old default and the candidates screened by bench/aot_check.py), bf16, N = 16384, d = 512; each stage's
-    winner stays in CONFIG_OVERRIDE for the rest of the run, and the table is written to $OUT/tuned_configs.json
-    (copy it to lors_fast/ops/tuned_configs.json to ship it). Then LOWRANK_16BIT and the fp32 d-chunk."""
+    winner stays applied (an options override held by _RUN) for the rest of the run, and the table is written to
+    $OUT/tuned_configs.json (copy it to lors_fast/ops/tuned_configs.json to ship it). Then the experimental
+    16-bit rank-r tiles (A/B, kept when faster) and the fp32 d-chunk."""
     import lors_fast
     from lors_fast.ops import TritonPrimitives
-    from lors_fast.ops import triton_backend as tb
     from lors_fast.ops import triton_tuning as tt
+    from lors_fast.ops.options import override
 
     N, d = _sz(16384, 64), _sz(512, 32)
     _join_precompile(min(until - 60, el() + 45))  # compiles still running by then are left to the tuning
@@ -378,31 +382,32 @@ def sec_sweep(until):
     res = tt.tune(DEV, torch.bfloat16, d=d, n=N, budget_s=max(1.0, until - el() - 20), log=log)
     for e in res["entries"]:
         RES["sweep"] += [dict(stage=e["stage"], N=N, d=d, **t) for t in e["table"]]
-        if e["config"]:
-            tb.CONFIG_OVERRIDE[(e["stage"], "bfloat16")] = dict(e["config"])
+    _RUN.enter_context(override(configs={(e["stage"], "bfloat16"): dict(e["config"]) for e in res["entries"]
+                                         if e["config"]}))
     RES["sweep_best"] = {e["stage"]: e["config"] or "default" for e in res["entries"]}
     log(f"sweep best: {RES['sweep_best']}")
     if not DRY and res["entries"]:
         log(f"tuned table: {tt.save(res, os.path.join(OUT, 'tuned_configs.json'))}")
-    # rank-r target tiles of wbce in fp32 (tf32) or in bf16 (LOWRANK_16BIT): keep the faster
+    # rank-r target tiles of wbce in fp32 (tf32) or in bf16 (experimental_lowrank_16bit): keep the faster
     imgw, txtw, scw, tgtw, biw, lvw = _problem(N, d, torch.bfloat16, "wbce", True)
     lr_times = []
     for flag in (False, True):
         if el() > until:
             break
-        tb.LOWRANK_16BIT = flag
         try:
             fn = _fwd_bwd(lors_fast.contrastive_loss, imgw, txtw, scw, tgtw, biw, lvw, "wbce", "triton")
-            fn()
-            ms = bench(fn, warmup=3, rep=30)
+            with override(experimental_lowrank_16bit=flag):
+                fn()
+                ms = bench(fn, warmup=3, rep=30)
             lr_times.append((ms[0], flag))
             RES["sweep"].append(dict(stage="wbce-lowrank16", LOWRANK_16BIT=flag, N=N, d=d, ms=ms))
             log(f"sweep wbce lowrank LOWRANK_16BIT={flag}: {ms[0]:.3f} ms")
         except Exception as e:
             RES["sweep"].append(dict(stage="wbce-lowrank16", LOWRANK_16BIT=flag, error=f"{type(e).__name__}: {e}"))
             log(f"sweep wbce lowrank LOWRANK_16BIT={flag}: {type(e).__name__}: {str(e)[:200]}")
-    tb.LOWRANK_16BIT = min(lr_times)[1] if lr_times else False
-    RES["sweep_best"]["LOWRANK_16BIT"] = tb.LOWRANK_16BIT
+    best16 = min(lr_times)[1] if lr_times else False
+    _RUN.enter_context(override(experimental_lowrank_16bit=best16))
+    RES["sweep_best"]["LOWRANK_16BIT"] = best16
     # fp32 (tf32): forward alone, then the backward's d-chunk (BDO < d recomputes Z once per chunk)
     img32, txt32, sc32, _, _, lv32 = _problem(N, d, torch.float32, "infonce", False)
     if el() < until:
@@ -417,11 +422,11 @@ def sec_sweep(until):
               dict(BM=64, BN=64, BK=32, BDO=256, num_warps=8, num_stages=2)):
         if el() > until:
             break
-        tb.CONFIG_OVERRIDE[("bwd", "float32")] = c
         try:
             fb = _fwd_bwd(lors_fast.contrastive_loss, img32, txt32, sc32, None, None, lv32, "infonce", "triton")
-            fb()
-            ms = bench(fb, warmup=3, rep=30)
+            with override(configs={("bwd", "float32"): c}):
+                fb()
+                ms = bench(fb, warmup=3, rep=30)
             t32.append((ms[0], c))
             RES["sweep"].append(dict(stage="bwd-fp32", config=c, N=N, d=d, ms=ms))
             log(f"sweep bwd fp32 {c}: {ms[0]:.3f} ms")
@@ -429,10 +434,8 @@ def sec_sweep(until):
             RES["sweep"].append(dict(stage="bwd-fp32", config=c, error=f"{type(e).__name__}: {e}"))
             log(f"sweep bwd fp32 {c}: {type(e).__name__}: {str(e)[:200]}")
     if t32:
-        tb.CONFIG_OVERRIDE[("bwd", "float32")] = min(t32, key=lambda t: t[0])[1]
-        RES["sweep_best"]["bwd_fp32"] = tb.CONFIG_OVERRIDE[("bwd", "float32")]
-    else:
-        tb.CONFIG_OVERRIDE.pop(("bwd", "float32"), None)
+        RES["sweep_best"]["bwd_fp32"] = min(t32, key=lambda t: t[0])[1]
+        _RUN.enter_context(override(configs={("bwd", "float32"): RES["sweep_best"]["bwd_fp32"]}))
 
 
 def sec_postcheck(until):
@@ -497,8 +500,6 @@ def time_row(provider, kind, lowrank, N, d, dtype, until, double=False):
             gs = torch.autograd.grad(loss, leaves, create_graph=True)
             f2 = sum((c * x).sum() for c, x in zip(cots, gs))
             return torch.autograd.grad(f2, leaves, allow_unused=True)
-    import contextlib
-
     from lors_fast.ops import strip
 
     with strip.override(path=path) if path not in (None, "none") else contextlib.nullcontext():
@@ -812,6 +813,7 @@ def main():
         run_section("providers", sec_providers, min(max(255.0, el() + 20), BUDGET - 15))
         run_section("grid", sec_grid, BUDGET - 15)
     finally:
+        _RUN.close()
         if "ex" in _WARM:
             _WARM["ex"].shutdown(wait=False, cancel_futures=True)
         write_report()

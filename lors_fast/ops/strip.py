@@ -38,6 +38,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from lors_fast.core.kinds import interpreting
+from lors_fast.ops.launch_common import _lowrank_parts, _rp, _scalar
 
 __all__ = ["PATHS", "ENV", "StripOptions", "options", "override", "last_path", "choose", "rule", "LARGE"]
 
@@ -214,8 +215,6 @@ def lse_forward(c):
 
 def pair_forward(c, kind_code: int, target, w):
     """Σ φ(Z, S) by strips."""
-    from lors_fast.ops.triton_backend import _lowrank_parts, _rp
-
     K = _kernels()
     d = c.dummy()
     tgt, a, lc, r_, r = _lowrank_parts(target, c)
@@ -236,8 +235,6 @@ def backward(c, kind_code: int, lse=None, target=None, w=None, g=None):
     """(dU, dV, ds, db, da, dLc, dR) by strips: ``lse`` = (lr, lc, glr, glc) for the LSE primitive (kind 0);
     pair kinds: ``target`` (low-rank or None), ``w`` (wbce weights), ``g`` (the upstream scalar). The last
     three are None without a low-rank target."""
-    from lors_fast.ops.triton_backend import _lowrank_parts, _rp, _scalar
-
     K = _kernels()
     d = c.dummy()
     lr, lc_, glr, glc = lse if lse is not None else (d, d, d, d)
@@ -284,8 +281,6 @@ def double(c, kind_code: int, Ub, Vb, sbar, bbar, lse=None, target=None, w=None,
     kinds first run pass 1 over all strips (ρ and κ, _strip_dbl_pre_kernel). Returns
     LSE: (gU, gV, gs, gb, ρ, κ) — ρ, κ the gradients w.r.t. the row / column cotangents;
     pair: (gU, gV, gs, gb, gg, ga, gL, gR), the last three None without a low-rank target."""
-    from lors_fast.ops.triton_backend import _lowrank_parts, _rp, _scalar
-
     K = _kernels()
     d = c.dummy()
     lr, lc_, glr, glc = lse if lse is not None else (d, d, d, d)
