@@ -175,3 +175,38 @@ def test_roofline_predictions_match_results_gpu():
     assert f"**{inf:.2f}**" in text and f"**{wb:.2f}**" in text, (inf, wb)
     assert 1.0 < wb / inf < 1.5 and rl.predict_ms("eager", "infonce", False, 64, 8, 0, "float32", 1, 1) is None
     assert rl.predict_ms("triton-strip", "wbce", True, 32768, 512, 10, "bfloat16", 700, 4.8) == wb
+
+
+@pytest.mark.parametrize("kind", ["infonce", "cwcl", "siglip", "bce", "wbce", "mse"])
+def test_public_losses_on_the_strip_path(kind):
+    """contrastive_loss(backend="triton") with LORS_FAST_TRITON_PATH's strip setting: value, first and
+    second derivatives vs the materialised reference (float64, low-rank target, bias, strips of 6 rows)."""
+    import lors_fast as lf
+
+    g = torch.Generator().manual_seed(37)
+    n, d, r = 13, 7, 2
+    U = (torch.randn(n, d, generator=g, dtype=F64) / 2).requires_grad_(True)
+    V = (torch.randn(n, d, generator=g, dtype=F64) / 2).requires_grad_(True)
+    s = torch.tensor(4.0, dtype=F64, requires_grad=True)
+    b = torch.tensor(-0.5, dtype=F64, requires_grad=True)
+    a = torch.rand(n, generator=g, dtype=F64).requires_grad_(True)
+    L = (torch.randn(n, r, generator=g, dtype=F64) * 0.3).requires_grad_(True)
+    R = (torch.randn(n, r, generator=g, dtype=F64) * 0.3).requires_grad_(True)
+    xs = [U, V, s, b, a, L, R]
+    res = []
+    for backend in ("triton", "reference"):
+        with strip.override(path="strip", strip_rows=6):
+            loss = lf.contrastive_loss(U, V, s, lf.LowRankTarget(a, L, R, 0.5), kind=kind, logit_bias=b,
+                                       backend=backend)
+            g1 = torch.autograd.grad(loss, xs, create_graph=True)
+            g2 = torch.autograd.grad(sum((x * x).sum() for x in g1), xs)
+        res.append([loss, *g1, *g2])
+        if backend == "triton":
+            assert last_path() == "strip"
+    # second derivatives normwise: ∂²/∂b² is zero in exact arithmetic for the LSE kinds and comes out of the
+    # sums as cancellation noise (the same on the fused path), so its scale is the largest second derivative
+    big2 = max(float(y.abs().max()) for y in res[1][8:])
+    for i, (x, y) in enumerate(zip(*res)):
+        err = float((x - y).abs().max())
+        scale = max(1.0, float(y.abs().max()) if i < 8 else big2)
+        assert err <= 1e-10 * scale, f"{kind} output {i}: error {err:.3e}"
