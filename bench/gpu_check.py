@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import platform
 import sys
@@ -63,9 +62,9 @@ DEV = "cpu" if DRY else "cuda"
 
 import torch  # noqa: E402
 
-from lors_fast.core.reference import reference_lse, reference_pairsum  # noqa: E402
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _gpu_correctness  # noqa: E402
+import _gpu_providers  # noqa: E402
 from roofline import predict_ms  # noqa: E402
 
 OUT = os.environ.get("OUT") or os.path.dirname(os.path.abspath(__file__))
@@ -167,113 +166,10 @@ def sec_ceiling(until):
 
 
 # ------------------------------------------------------------------------------------ correctness
-# the one oracle of the primitives (lors_fast.core.reference; φ from lors_fast.core.kinds)
-oracle_lse = reference_lse
-oracle_pairsum = reference_pairsum
-
-
-def _derivs(fn, xs, seed):
-    out = fn(*xs)
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    if isinstance(out, tuple):
-        loss = sum((torch.randn(o.shape, generator=g, device=DEV, dtype=F64).to(o.dtype) * o).sum()
-                   for o in out)
-        val = torch.cat([o.reshape(-1) for o in out])
-    else:
-        loss, val = out, out.reshape(1)
-    g1 = torch.autograd.grad(loss, xs, create_graph=True, allow_unused=True)
-    f2 = sum((torch.randn(x.shape, generator=g, device=DEV, dtype=F64).to(x.dtype) * x).sum()
-             for x in g1 if x is not None)
-    g2 = torch.autograd.grad(f2, xs, allow_unused=True)
-    return [val] + list(g1) + list(g2)
-
-
-def _relerr(a, e, floor_scale=0.0):
-    """max|a − e| / max(max|e|, floor_scale): floor_scale (a fraction of the largest tensor of the same
-    derivative order) keeps derivatives that are exactly zero in exact arithmetic (e.g. ∂²lse/∂b²) from
-    being judged relative to rounding noise."""
-    if a is None or e is None:
-        return 0.0 if (a is None and e is None) else float("nan")
-    a, e = a.detach().double(), e.detach().double()
-    return float((a - e).abs().max() / max(float(e.abs().max()), floor_scale, 1e-30))
-
-
-MODES = {  # name: (dtype, triton fp32 precision, eager allow_tf32, floor)
-    "fp32-ieee": (torch.float32, "ieee", False, 1e-4),
-    "fp32-tf32": (torch.float32, "tf32", True, 2e-3),
-    "bf16": (torch.bfloat16, "ieee", False, 1e-2),
-    "fp16": (torch.float16, "ieee", False, 2e-3),
-}
-
-
-def correctness_case(prim_name, kind, tgt_kind, M, N, d, mode, bias=True, r=10, seed=0, scale=10.0):
-    from lors_fast.ops import TritonPrimitives
-
-    dtype, prec, eager_tf32, floor = MODES[mode]
-    M, N, d = _sz(M), (_sz(N) if N == M else _sz(N, 45)), _sz(d, 48)
-    P = TritonPrimitives(fp32_precision=prec)
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    U = (torch.randn(M, d, generator=g, device=DEV, dtype=F64) / d**0.5).to(dtype).double()
-    V = (torch.randn(N, d, generator=g, device=DEV, dtype=F64) / d**0.5).to(dtype).double()
-    base = [U, V, torch.tensor(float(scale), device=DEV, dtype=F64)]
-    if bias:
-        base.append(torch.tensor(-1.0, device=DEV, dtype=F64))
-    if tgt_kind == "lowrank":
-        base += [torch.rand(N, generator=g, device=DEV, dtype=F64),
-                 torch.randn(N, r, generator=g, device=DEV, dtype=F64) * 0.2,
-                 torch.randn(N, r, generator=g, device=DEV, dtype=F64) * 0.2]
-    npos = nneg = None
-    if kind == "wbce":
-        # counted on the fp32 factors the kernel sees (its S > 0.5 mask is built from them)
-        t32 = None if tgt_kind != "lowrank" else ("lowrank", *[x.float() for x in base[-3:]])
-        npos = P.count_pos(t32, N)
-        nneg = N * N - npos
-
-    def make(dt, sdt):
-        xs = [x.detach().to(dt if i < 2 else sdt).requires_grad_(True) for i, x in enumerate(base)]
-        return xs
-
-    def call(fn_lse, fn_pair):
-        def f(*xs):
-            U_, V_, s_ = xs[:3]
-            b_ = xs[3] if bias else None
-            rest = xs[4:] if bias else xs[3:]
-            t_ = ("lowrank", *rest) if tgt_kind == "lowrank" else None
-            if prim_name == "lse":
-                return fn_lse(U_, V_, s_, b_)
-            return fn_pair(kind, U_, V_, s_, b_, t_, npos, nneg)
-        return f
-
-    kern = call(P.lse, lambda k, *a: P.pairsum(k, *a[:5], npos=a[5], nneg=a[6]))
-    orac = call(oracle_lse, oracle_pairsum)
-    ref = _derivs(orac, make(F64, F64), seed + 1)
-    out = _derivs(kern, make(dtype, torch.float32), seed + 1)
-    torch.backends.cuda.matmul.allow_tf32 = eager_tf32
-    try:
-        eag = _derivs(orac, make(dtype, dtype), seed + 1)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = False
-    n_in = len(base)
-    names = ["value"] + [f"d{i}" for i in range(n_in)] + [f"dd{i}" for i in range(n_in)]
-    rows = []
-    ok = True
-    gmax = [float(ref[0].abs().max()),
-            max(float(x.abs().max()) for x in ref[1:1 + n_in] if x is not None),
-            max([float(x.abs().max()) for x in ref[1 + n_in:] if x is not None] + [0.0])]
-    for i, (nm, a, e, q) in enumerate(zip(names, out, ref, eag)):
-        fl = 1e-3 * gmax[0 if i == 0 else (1 if i <= n_in else 2)]
-        ek, ee = _relerr(a, e, fl), _relerr(q, e, fl)
-        lim = 2 * (ee if math.isfinite(ee) else 0.0) + floor
-        passed = bool(ek <= lim) or (a is None and e is None)
-        ok &= passed
-        rows.append(dict(name=nm, err=ek, eager_err=ee, limit=lim, ok=passed))
-    rec = dict(prim=prim_name, kind=kind, target=tgt_kind, M=M, N=N, d=d, mode=mode, bias=bias, scale=scale, ok=ok,
-               worst=max(r_["err"] for r_ in rows), worst_eager=max(r_["eager_err"] for r_ in rows),
-               details=rows)
-    RES["correctness"].append(rec)
-    bad = [f"{r_['name']}:{r_['err']:.1e}>{r_['limit']:.1e}" for r_ in rows if not r_["ok"]]
-    log(f"{'OK  ' if ok else 'FAIL'} {prim_name:4s} {kind:8s} {tgt_kind:8s} {mode:9s} M={M} N={N} d={d} s={scale:g} "
-        f"worst={rec['worst']:.2e} eager={rec['worst_eager']:.2e} {' '.join(bad)}")
+def correctness_case(*args, **kw):
+    """One primitive case vs the float64 oracle (bench/_gpu_correctness.py), recorded in RES."""
+    return _gpu_correctness.correctness_case(*args, dev=DEV, sz=_sz, log=log, record=RES["correctness"].append,
+                                             **kw)
 
 
 def sec_correctness(until):
@@ -603,93 +499,20 @@ def sec_grid(until):
 #       asm cvt.rna.tf32.f32); a bf16 row therefore means bf16 inputs, fp32/TF32 arithmetic. head_dim must divide
 #       d and be a power of two ≥ 16 (the kernels load BLOCK_HEADDIM = next_pow2(head_dim) columns unmasked);
 #       its kernels assert q.is_cuda, so there is no CPU / interpreter run.
-_OTHER_PROVIDERS = ("openclip", "infcl")
-_OTHER_FNS: dict = {}
-OTHER_NOTES = {
-    "openclip": "open_clip.loss.ClipLoss (world_size 1): ½(CE(s·U·Vᵀ) + CE(s·V·Uᵀ)), two N×N logits in the "
-                "input dtype — the same quantity as ours (infonce, identity target)",
-    "infcl": "Inf-CL inf_cl.cal_flash_loss (single-GPU entry; one direction per call, unreduced): "
-             "½[mean cal_flash_loss(U, V, scale=s) + mean cal_flash_loss(V, U, scale=s)] — the same quantity as "
-             "ours; inputs cast to fp32 inside, TF32 dots (a bf16 row = bf16 inputs, fp32/TF32 compute)",
-}
-
-
-def _fits_materialised(N, dtype):
-    """The grid's rule for materialised providers: ~8 N×N matrices in the input dtype under ~100 GiB."""
-    return 8 * N * N * (2 if dtype in (torch.bfloat16, torch.float16) else 4) < 100 * 2**30
-
-
-def _infcl_head_dim(d):
-    """Inf-CL splits d into heads of head_dim (default 256); it must divide d and be a power of two ≥ 16."""
-    for hd in (256, 128, 64, 32, 16):
-        if d % hd == 0:
-            return hd
-    raise ValueError(f"Inf-CL needs d divisible by a power of two in [16, 256]; d = {d}")
-
-
-def _load_clip_loss():
-    from _providers import load_clip_loss  # bench/ is on sys.path when this script runs
-
-    return load_clip_loss()
+from _gpu_providers import (  # noqa: E402  (bench/ is on sys.path)
+    _OTHER_PROVIDERS,
+    OTHER_NOTES,
+    _dist_version,
+    _fits_materialised,
+)
 
 
 def _other_loss_fn(provider):
-    """A loss function with lors_fast.contrastive_loss's call signature for an outside provider (infonce, identity
-    target, no bias only)."""
-    if provider not in _OTHER_FNS:
-        if provider == "openclip":
-            ClipLoss, src = _load_clip_loss()
-            crit = ClipLoss()
-
-            def f(img, txt, scale, tgt=None, kind="infonce", logit_bias=None, backend=None):
-                _only_clip(provider, kind, tgt, logit_bias)
-                return crit(img, txt, scale)
-        elif provider == "infcl":
-            import inf_cl
-
-            src = f"inf_cl {_dist_version('inf-cl')}"
-
-            def f(img, txt, scale, tgt=None, kind="infonce", logit_bias=None, backend=None):
-                _only_clip(provider, kind, tgt, logit_bias)
-                hd = _infcl_head_dim(img.shape[1])
-                return 0.5 * (inf_cl.cal_flash_loss(img, txt, scale=scale, head_dim=hd).mean()
-                              + inf_cl.cal_flash_loss(txt, img, scale=scale, head_dim=hd).mean())
-        else:
-            raise ValueError(provider)
-        RES["meta"][f"{provider}_source"] = src
-        _OTHER_FNS[provider] = f
-    return _OTHER_FNS[provider]
-
-
-def _only_clip(provider, kind, tgt, bias):
-    if kind != "infonce" or tgt is not None or bias is not None:
-        raise NotImplementedError(f"{provider} computes the hard-label CLIP loss only (infonce, identity target, "
-                                  "no bias)")
-
-
-def _dist_version(name):
-    try:
-        from importlib.metadata import version
-
-        return version(name)
-    except Exception:
-        return "?"
+    return _gpu_providers.other_loss_fn(provider, RES["meta"])
 
 
 def _provider_unavailable(provider):
-    """None when the provider can run here, else the reason (logged and recorded as a skip)."""
-    try:
-        if provider == "openclip":
-            _load_clip_loss()
-        else:
-            import inf_cl  # noqa: F401
-    except Exception as e:
-        return (f"not importable ({type(e).__name__}: {str(e)[:120]}); offline install: see the docstring "
-                "(bench/wheels from bench/fetch_wheels.sh)")
-    if provider == "infcl" and DEV != "cuda":
-        return ("CUDA only: its _flash_prob_forward/backward assert q.is_cuda and the backward kernels use PTX "
-                "inline asm (cvt.rna.tf32.f32), which the Triton CPU interpreter cannot run")
-    return None
+    return _gpu_providers.provider_unavailable(provider, DEV)
 
 
 def compare_provider(provider, N, d, dtype):
@@ -707,7 +530,7 @@ def compare_provider(provider, N, d, dtype):
     rec = dict(provider=provider, N=N, d=d, dtype=str(dtype).replace("torch.", ""),
                loss_dtype=str(theirs.dtype).replace("torch.", ""), loss_ours=lo, loss_theirs=lt,
                rel_err_value=abs(lt - lo) / max(abs(lo), 1e-30),
-               rel_err_grad={nm: _relerr(b, a) for nm, a, b in zip(("U", "V", "scale"), g_ours, g_theirs)})
+               rel_err_grad={nm: _gpu_correctness._relerr(b, a) for nm, a, b in zip(("U", "V", "scale"), g_ours, g_theirs)})
     RES["providers"].append(rec)
     log(f"{provider:8s} vs ours N={N} d={d} {rec['dtype']}: loss {lt:.6f} vs {lo:.6f} "
         f"rel err {rec['rel_err_value']:.2e}; grads rel err " +
