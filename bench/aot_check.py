@@ -74,15 +74,10 @@ def constexprs(stage, kind, tgt, dtype, D, override=None, cc: int = 90):
 
     kstage = "bwd" if stage == "gtile" else stage
     cstage = kstage + "_pair" if kind != "lse" and stage != "pre" else kstage
-    saved = dict(tb.CONFIG_OVERRIDE)
-    try:
-        tb.CONFIG_OVERRIDE.clear()
-        if override:
-            tb.CONFIG_OVERRIDE[cstage] = dict(override)
+    from lors_fast.ops.options import override as options_override
+
+    with options_override(configs={cstage: dict(override or {})}, replace_configs=True):
         cfg = tb._config(cstage, D, dtype, torch.device("cuda"), cc=cc)
-    finally:
-        tb.CONFIG_OVERRIDE.clear()
-        tb.CONFIG_OVERRIDE.update(saved)
     prec = "tf32" if dtype == torch.float32 else "ieee"
     upcast, PREC, ACC = tb._flags(dtype, prec)
     if stage == "gtile":  # the strip backward's G-tile kernel (a bwd config with STRIP > 0)
@@ -100,7 +95,7 @@ def constexprs(stage, kind, tgt, dtype, D, override=None, cc: int = 90):
     if stage == "fwd":
         c["FUSE_COLS"] = kind == "lse"
     if stage == "pre":
-        c["FUSE_COLS"] = True  # the backend's default (DBL_FUSED_PRE)
+        c["FUSE_COLS"] = True  # the backend's default (options.dbl_fused_pre)
     if stage in ("bwd", "dbl", "pre"):
         c["QFAST"] = cfg.QFAST
     if stage in ("bwd", "dbl"):

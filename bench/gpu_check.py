@@ -10,7 +10,7 @@ Sections (each guarded by a time budget and its own try/except, so the whole run
      rule: err ≤ 2·err(torch eager in that dtype) + floor;
   3. the launch-config tuning of `lors-fast tune-kernels` (lors_fast.ops.triton_tuning: per kernel stage, LSE
      and pair kinds, forward, backward and double backward, bf16; candidates pre-screened by bench/aot_check.py's
-     sm_90a build; the table goes to $OUT/tuned_configs.json), then LOWRANK_16BIT and the fp32 backward's
+     sm_90a build; the table goes to $OUT/tuned_configs.json), then the experimental 16-bit rank-r tiles and the fp32 backward's
      d-chunk; each stage keeps its fastest, used by every later section; a correctness post-check of the
      chosen configs at N = 4097;
   4. timings (median, p20, p80 via triton.testing.do_bench) of lors_fast.contrastive_loss fwd+bwd for
@@ -38,8 +38,8 @@ needed, open_clip/loss.py is loaded alone when `import open_clip` fails):
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import os
 import platform
 import sys
@@ -62,9 +62,14 @@ DEV = "cpu" if DRY else "cuda"
 
 import torch  # noqa: E402
 
-from lors_fast.core.reference import reference_lse, reference_pairsum  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _gpu_correctness  # noqa: E402
+import _gpu_providers  # noqa: E402
+from roofline import predict_ms  # noqa: E402
 
 OUT = os.environ.get("OUT") or os.path.dirname(os.path.abspath(__file__))
+# the run's option overrides (the sweep's winners), entered for the rest of the run and closed by main()
+_RUN = contextlib.ExitStack()
 RES: dict = {"meta": {}, "ceiling": {}, "correctness": [], "sweep": [], "timing": [], "double_backward": [],
              "providers": [], "errors": []}
 F64 = torch.float64
@@ -153,116 +158,18 @@ def sec_ceiling(until):
         RES["ceiling"][name] = dict(ms=ms[0], tflops=2 * n**3 / ms[0] / 1e9)
         log(f"matmul {name} {n}^3: {ms[0]:.3f} ms, {RES['ceiling'][name]['tflops']:.0f} TFLOP/s")
     torch.backends.cuda.matmul.allow_tf32 = False
+    x = torch.empty(2**28, device=DEV, dtype=torch.float32)  # 1 GiB read + 1 GiB written per copy
+    y = torch.empty_like(x)
+    ms = bench(lambda: y.copy_(x), warmup=5, rep=50)
+    RES["ceiling"]["bandwidth_tbs"] = 2 * x.numel() * 4 / ms[0] / 1e9
+    log(f"copy 1 GiB: {ms[0]:.3f} ms, {RES['ceiling']['bandwidth_tbs']:.2f} TB/s")
 
 
 # ------------------------------------------------------------------------------------ correctness
-# the one oracle of the primitives (lors_fast.core.reference; φ from lors_fast.core.kinds)
-oracle_lse = reference_lse
-oracle_pairsum = reference_pairsum
-
-
-def _derivs(fn, xs, seed):
-    out = fn(*xs)
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    if isinstance(out, tuple):
-        loss = sum((torch.randn(o.shape, generator=g, device=DEV, dtype=F64).to(o.dtype) * o).sum()
-                   for o in out)
-        val = torch.cat([o.reshape(-1) for o in out])
-    else:
-        loss, val = out, out.reshape(1)
-    g1 = torch.autograd.grad(loss, xs, create_graph=True, allow_unused=True)
-    f2 = sum((torch.randn(x.shape, generator=g, device=DEV, dtype=F64).to(x.dtype) * x).sum()
-             for x in g1 if x is not None)
-    g2 = torch.autograd.grad(f2, xs, allow_unused=True)
-    return [val] + list(g1) + list(g2)
-
-
-def _relerr(a, e, floor_scale=0.0):
-    """max|a − e| / max(max|e|, floor_scale): floor_scale (a fraction of the largest tensor of the same
-    derivative order) keeps derivatives that are exactly zero in exact arithmetic (e.g. ∂²lse/∂b²) from
-    being judged relative to rounding noise."""
-    if a is None or e is None:
-        return 0.0 if (a is None and e is None) else float("nan")
-    a, e = a.detach().double(), e.detach().double()
-    return float((a - e).abs().max() / max(float(e.abs().max()), floor_scale, 1e-30))
-
-
-MODES = {  # name: (dtype, triton fp32 precision, eager allow_tf32, floor)
-    "fp32-ieee": (torch.float32, "ieee", False, 1e-4),
-    "fp32-tf32": (torch.float32, "tf32", True, 2e-3),
-    "bf16": (torch.bfloat16, "ieee", False, 1e-2),
-    "fp16": (torch.float16, "ieee", False, 2e-3),
-}
-
-
-def correctness_case(prim_name, kind, tgt_kind, M, N, d, mode, bias=True, r=10, seed=0, scale=10.0):
-    from lors_fast.ops import TritonPrimitives
-
-    dtype, prec, eager_tf32, floor = MODES[mode]
-    M, N, d = _sz(M), (_sz(N) if N == M else _sz(N, 45)), _sz(d, 48)
-    P = TritonPrimitives(fp32_precision=prec)
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    U = (torch.randn(M, d, generator=g, device=DEV, dtype=F64) / d**0.5).to(dtype).double()
-    V = (torch.randn(N, d, generator=g, device=DEV, dtype=F64) / d**0.5).to(dtype).double()
-    base = [U, V, torch.tensor(float(scale), device=DEV, dtype=F64)]
-    if bias:
-        base.append(torch.tensor(-1.0, device=DEV, dtype=F64))
-    if tgt_kind == "lowrank":
-        base += [torch.rand(N, generator=g, device=DEV, dtype=F64),
-                 torch.randn(N, r, generator=g, device=DEV, dtype=F64) * 0.2,
-                 torch.randn(N, r, generator=g, device=DEV, dtype=F64) * 0.2]
-    npos = nneg = None
-    if kind == "wbce":
-        # counted on the fp32 factors the kernel sees (its S > 0.5 mask is built from them)
-        t32 = None if tgt_kind != "lowrank" else ("lowrank", *[x.float() for x in base[-3:]])
-        npos = P.count_pos(t32, N)
-        nneg = N * N - npos
-
-    def make(dt, sdt):
-        xs = [x.detach().to(dt if i < 2 else sdt).requires_grad_(True) for i, x in enumerate(base)]
-        return xs
-
-    def call(fn_lse, fn_pair):
-        def f(*xs):
-            U_, V_, s_ = xs[:3]
-            b_ = xs[3] if bias else None
-            rest = xs[4:] if bias else xs[3:]
-            t_ = ("lowrank", *rest) if tgt_kind == "lowrank" else None
-            if prim_name == "lse":
-                return fn_lse(U_, V_, s_, b_)
-            return fn_pair(kind, U_, V_, s_, b_, t_, npos, nneg)
-        return f
-
-    kern = call(P.lse, lambda k, *a: P.pairsum(k, *a[:5], npos=a[5], nneg=a[6]))
-    orac = call(oracle_lse, oracle_pairsum)
-    ref = _derivs(orac, make(F64, F64), seed + 1)
-    out = _derivs(kern, make(dtype, torch.float32), seed + 1)
-    torch.backends.cuda.matmul.allow_tf32 = eager_tf32
-    try:
-        eag = _derivs(orac, make(dtype, dtype), seed + 1)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = False
-    n_in = len(base)
-    names = ["value"] + [f"d{i}" for i in range(n_in)] + [f"dd{i}" for i in range(n_in)]
-    rows = []
-    ok = True
-    gmax = [float(ref[0].abs().max()),
-            max(float(x.abs().max()) for x in ref[1:1 + n_in] if x is not None),
-            max([float(x.abs().max()) for x in ref[1 + n_in:] if x is not None] + [0.0])]
-    for i, (nm, a, e, q) in enumerate(zip(names, out, ref, eag)):
-        fl = 1e-3 * gmax[0 if i == 0 else (1 if i <= n_in else 2)]
-        ek, ee = _relerr(a, e, fl), _relerr(q, e, fl)
-        lim = 2 * (ee if math.isfinite(ee) else 0.0) + floor
-        passed = bool(ek <= lim) or (a is None and e is None)
-        ok &= passed
-        rows.append(dict(name=nm, err=ek, eager_err=ee, limit=lim, ok=passed))
-    rec = dict(prim=prim_name, kind=kind, target=tgt_kind, M=M, N=N, d=d, mode=mode, bias=bias, scale=scale, ok=ok,
-               worst=max(r_["err"] for r_ in rows), worst_eager=max(r_["eager_err"] for r_ in rows),
-               details=rows)
-    RES["correctness"].append(rec)
-    bad = [f"{r_['name']}:{r_['err']:.1e}>{r_['limit']:.1e}" for r_ in rows if not r_["ok"]]
-    log(f"{'OK  ' if ok else 'FAIL'} {prim_name:4s} {kind:8s} {tgt_kind:8s} {mode:9s} M={M} N={N} d={d} s={scale:g} "
-        f"worst={rec['worst']:.2e} eager={rec['worst_eager']:.2e} {' '.join(bad)}")
+def correctness_case(*args, **kw):
+    """One primitive case vs the float64 oracle (bench/_gpu_correctness.py), recorded in RES."""
+    return _gpu_correctness.correctness_case(*args, dev=DEV, sz=_sz, log=log, record=RES["correctness"].append,
+                                             **kw)
 
 
 def sec_correctness(until):
@@ -357,12 +264,13 @@ def _join_precompile(until):
 def sec_sweep(until):
     """The launch-config tuning of `lors-fast tune-kernels` (lors_fast.ops.triton_tuning: per stage, the default,
     the old default and the candidates screened by bench/aot_check.py), bf16, N = 16384, d = 512; each stage's
-    winner stays in CONFIG_OVERRIDE for the rest of the run, and the table is written to $OUT/tuned_configs.json
-    (copy it to lors_fast/ops/tuned_configs.json to ship it). Then LOWRANK_16BIT and the fp32 d-chunk."""
+    winner stays applied (an options override held by _RUN) for the rest of the run, and the table is written to
+    $OUT/tuned_configs.json (copy it to lors_fast/ops/tuned_configs.json to ship it). Then the experimental
+    16-bit rank-r tiles (A/B, kept when faster) and the fp32 d-chunk."""
     import lors_fast
     from lors_fast.ops import TritonPrimitives
-    from lors_fast.ops import triton_backend as tb
     from lors_fast.ops import triton_tuning as tt
+    from lors_fast.ops.options import override
 
     N, d = _sz(16384, 64), _sz(512, 32)
     _join_precompile(min(until - 60, el() + 45))  # compiles still running by then are left to the tuning
@@ -370,31 +278,32 @@ def sec_sweep(until):
     res = tt.tune(DEV, torch.bfloat16, d=d, n=N, budget_s=max(1.0, until - el() - 20), log=log)
     for e in res["entries"]:
         RES["sweep"] += [dict(stage=e["stage"], N=N, d=d, **t) for t in e["table"]]
-        if e["config"]:
-            tb.CONFIG_OVERRIDE[(e["stage"], "bfloat16")] = dict(e["config"])
+    _RUN.enter_context(override(configs={(e["stage"], "bfloat16"): dict(e["config"]) for e in res["entries"]
+                                         if e["config"]}))
     RES["sweep_best"] = {e["stage"]: e["config"] or "default" for e in res["entries"]}
     log(f"sweep best: {RES['sweep_best']}")
     if not DRY and res["entries"]:
         log(f"tuned table: {tt.save(res, os.path.join(OUT, 'tuned_configs.json'))}")
-    # rank-r target tiles of wbce in fp32 (tf32) or in bf16 (LOWRANK_16BIT): keep the faster
+    # rank-r target tiles of wbce in fp32 (tf32) or in bf16 (experimental_lowrank_16bit): keep the faster
     imgw, txtw, scw, tgtw, biw, lvw = _problem(N, d, torch.bfloat16, "wbce", True)
     lr_times = []
     for flag in (False, True):
         if el() > until:
             break
-        tb.LOWRANK_16BIT = flag
         try:
             fn = _fwd_bwd(lors_fast.contrastive_loss, imgw, txtw, scw, tgtw, biw, lvw, "wbce", "triton")
-            fn()
-            ms = bench(fn, warmup=3, rep=30)
+            with override(experimental_lowrank_16bit=flag):
+                fn()
+                ms = bench(fn, warmup=3, rep=30)
             lr_times.append((ms[0], flag))
             RES["sweep"].append(dict(stage="wbce-lowrank16", LOWRANK_16BIT=flag, N=N, d=d, ms=ms))
             log(f"sweep wbce lowrank LOWRANK_16BIT={flag}: {ms[0]:.3f} ms")
         except Exception as e:
             RES["sweep"].append(dict(stage="wbce-lowrank16", LOWRANK_16BIT=flag, error=f"{type(e).__name__}: {e}"))
             log(f"sweep wbce lowrank LOWRANK_16BIT={flag}: {type(e).__name__}: {str(e)[:200]}")
-    tb.LOWRANK_16BIT = min(lr_times)[1] if lr_times else False
-    RES["sweep_best"]["LOWRANK_16BIT"] = tb.LOWRANK_16BIT
+    best16 = min(lr_times)[1] if lr_times else False
+    _RUN.enter_context(override(experimental_lowrank_16bit=best16))
+    RES["sweep_best"]["LOWRANK_16BIT"] = best16
     # fp32 (tf32): forward alone, then the backward's d-chunk (BDO < d recomputes Z once per chunk)
     img32, txt32, sc32, _, _, lv32 = _problem(N, d, torch.float32, "infonce", False)
     if el() < until:
@@ -409,11 +318,11 @@ def sec_sweep(until):
               dict(BM=64, BN=64, BK=32, BDO=256, num_warps=8, num_stages=2)):
         if el() > until:
             break
-        tb.CONFIG_OVERRIDE[("bwd", "float32")] = c
         try:
             fb = _fwd_bwd(lors_fast.contrastive_loss, img32, txt32, sc32, None, None, lv32, "infonce", "triton")
-            fb()
-            ms = bench(fb, warmup=3, rep=30)
+            with override(configs={("bwd", "float32"): c}):
+                fb()
+                ms = bench(fb, warmup=3, rep=30)
             t32.append((ms[0], c))
             RES["sweep"].append(dict(stage="bwd-fp32", config=c, N=N, d=d, ms=ms))
             log(f"sweep bwd fp32 {c}: {ms[0]:.3f} ms")
@@ -421,10 +330,8 @@ def sec_sweep(until):
             RES["sweep"].append(dict(stage="bwd-fp32", config=c, error=f"{type(e).__name__}: {e}"))
             log(f"sweep bwd fp32 {c}: {type(e).__name__}: {str(e)[:200]}")
     if t32:
-        tb.CONFIG_OVERRIDE[("bwd", "float32")] = min(t32, key=lambda t: t[0])[1]
-        RES["sweep_best"]["bwd_fp32"] = tb.CONFIG_OVERRIDE[("bwd", "float32")]
-    else:
-        tb.CONFIG_OVERRIDE.pop(("bwd", "float32"), None)
+        RES["sweep_best"]["bwd_fp32"] = min(t32, key=lambda t: t[0])[1]
+        _RUN.enter_context(override(configs={("bwd", "float32"): RES["sweep_best"]["bwd_fp32"]}))
 
 
 def sec_postcheck(until):
@@ -452,14 +359,9 @@ def time_row(provider, kind, lowrank, N, d, dtype, until, double=False):
     N, d = _sz(N, 64), _sz(d, 32)
     r = 10 if lowrank else 0
     img, txt, scale, tgt, bias, leaves = _problem(N, d, dtype, kind, lowrank)
-    overrides = {}
-    if provider in ("triton", "triton-strip"):
+    path = {"triton": None, "triton-strip": "strip", "triton-fused": "fused"}.get(provider, "none")
+    if path != "none":  # triton: auto's choice; triton-strip / -fused: that path (lors_fast.ops.strip)
         fn_loss, backend = lors_fast.contrastive_loss, "triton"
-        if provider == "triton-strip":  # the backward by strips (the first STRIP candidates), whatever the sweep chose
-            from lors_fast.ops.triton_tuning import CANDIDATES
-
-            dn = str(dtype).replace("torch.", "")
-            overrides = {(st, dn): next(c for c in CANDIDATES[st] if c and c.get("STRIP")) for st in ("bwd", "bwd_pair")}
     elif provider == "eager":
         fn_loss, backend = lors_fast.contrastive_loss, "reference"
     elif provider == "streaming":  # our chunked torch path (cuBLAS GEMMs on row chunks), O(chunk·N) memory
@@ -494,11 +396,9 @@ def time_row(provider, kind, lowrank, N, d, dtype, until, double=False):
             gs = torch.autograd.grad(loss, leaves, create_graph=True)
             f2 = sum((c * x).sum() for c, x in zip(cots, gs))
             return torch.autograd.grad(f2, leaves, allow_unused=True)
-    from lors_fast.ops import triton_backend as tb
+    from lors_fast.ops import strip
 
-    saved = {k: tb.CONFIG_OVERRIDE.get(k) for k in overrides}
-    tb.CONFIG_OVERRIDE.update(overrides)
-    try:
+    with strip.override(path=path) if path not in (None, "none") else contextlib.nullcontext():
         t1 = time.time()
         fn()  # compile / warm up
         if not DRY:
@@ -506,19 +406,17 @@ def time_row(provider, kind, lowrank, N, d, dtype, until, double=False):
         first_s = time.time() - t1
         ms = bench(fn, warmup=2, rep=40 if N <= 32768 else 20)
         mem = peak_mem(fn)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                tb.CONFIG_OVERRIDE.pop(k, None)
-            else:
-                tb.CONFIG_OVERRIDE[k] = v
     row = dict(provider=provider, kind=kind, target="lowrank" if lowrank else "identity", N=N, d=d, r=r,
                dtype=str(dtype).replace("torch.", ""), mode="fwd+bwd+dbl" if double else "fwd+bwd",
                ms=ms[0], p20=ms[1], p80=ms[2], tflops=_flops(N, d, r) / ms[0] / 1e9, peak_mib=mem,
-               first_call_s=first_s)
+               first_call_s=first_s, path=strip.last_path() if path != "none" else None)
+    ceil = RES["ceiling"].get("bf16" if dtype in (torch.bfloat16, torch.float16) else "tf32", {})
+    row["pred_ms"] = None if double else predict_ms(provider, kind, lowrank, N, d, r, row["dtype"], ceil.get("tflops"),
+                                                    RES["ceiling"].get("bandwidth_tbs"))
     (RES["double_backward"] if double else RES["timing"]).append(row)
+    pred = f"roofline {row['pred_ms']:8.3f} ms" if row["pred_ms"] else "roofline -"
     log(f"{provider:8s} {kind:8s} {row['target']:8s} N={N:6d} d={d} {row['dtype']:8s} {row['mode']:11s} "
-        f"{ms[0]:9.3f} ms [{ms[1]:.3f},{ms[2]:.3f}]  {row['tflops']:6.1f} TF/s(model)  {mem:9.1f} MiB")
+        f"{ms[0]:9.3f} ms [{ms[1]:.3f},{ms[2]:.3f}]  {pred}  {row['tflops']:6.1f} TF/s(model)  {mem:9.1f} MiB")
     return row
 
 
@@ -543,8 +441,9 @@ def sec_targets(until):
     for kind, lr in (("infonce", False), ("wbce", True)):
         for prov in ("triton", "eager", "streaming"):
             _try(prov, kind, lr, 32768, 512, bf, until)
-    _try("triton-strip", "infonce", False, 32768, 512, bf, until)
-    _try("triton-strip", "wbce", True, 32768, 512, bf, until)
+    for kind, lr in (("infonce", False), ("wbce", True)):  # both paths side by side (auto's pick: "triton")
+        _try("triton-strip", kind, lr, 32768, 512, bf, until)
+        _try("triton-fused", kind, lr, 32768, 512, bf, until)
     _try("triton", "infonce", True, 32768, 512, bf, until)
     _try("triton", "siglip", False, 32768, 512, bf, until)
     # double backward vs fwd+bwd at N = 8192
@@ -600,93 +499,20 @@ def sec_grid(until):
 #       asm cvt.rna.tf32.f32); a bf16 row therefore means bf16 inputs, fp32/TF32 arithmetic. head_dim must divide
 #       d and be a power of two ≥ 16 (the kernels load BLOCK_HEADDIM = next_pow2(head_dim) columns unmasked);
 #       its kernels assert q.is_cuda, so there is no CPU / interpreter run.
-_OTHER_PROVIDERS = ("openclip", "infcl")
-_OTHER_FNS: dict = {}
-OTHER_NOTES = {
-    "openclip": "open_clip.loss.ClipLoss (world_size 1): ½(CE(s·U·Vᵀ) + CE(s·V·Uᵀ)), two N×N logits in the "
-                "input dtype — the same quantity as ours (infonce, identity target)",
-    "infcl": "Inf-CL inf_cl.cal_flash_loss (single-GPU entry; one direction per call, unreduced): "
-             "½[mean cal_flash_loss(U, V, scale=s) + mean cal_flash_loss(V, U, scale=s)] — the same quantity as "
-             "ours; inputs cast to fp32 inside, TF32 dots (a bf16 row = bf16 inputs, fp32/TF32 compute)",
-}
-
-
-def _fits_materialised(N, dtype):
-    """The grid's rule for materialised providers: ~8 N×N matrices in the input dtype under ~100 GiB."""
-    return 8 * N * N * (2 if dtype in (torch.bfloat16, torch.float16) else 4) < 100 * 2**30
-
-
-def _infcl_head_dim(d):
-    """Inf-CL splits d into heads of head_dim (default 256); it must divide d and be a power of two ≥ 16."""
-    for hd in (256, 128, 64, 32, 16):
-        if d % hd == 0:
-            return hd
-    raise ValueError(f"Inf-CL needs d divisible by a power of two in [16, 256]; d = {d}")
-
-
-def _load_clip_loss():
-    from _providers import load_clip_loss  # bench/ is on sys.path when this script runs
-
-    return load_clip_loss()
+from _gpu_providers import (  # noqa: E402  (bench/ is on sys.path)
+    _OTHER_PROVIDERS,
+    OTHER_NOTES,
+    _dist_version,
+    _fits_materialised,
+)
 
 
 def _other_loss_fn(provider):
-    """A loss function with lors_fast.contrastive_loss's call signature for an outside provider (infonce, identity
-    target, no bias only)."""
-    if provider not in _OTHER_FNS:
-        if provider == "openclip":
-            ClipLoss, src = _load_clip_loss()
-            crit = ClipLoss()
-
-            def f(img, txt, scale, tgt=None, kind="infonce", logit_bias=None, backend=None):
-                _only_clip(provider, kind, tgt, logit_bias)
-                return crit(img, txt, scale)
-        elif provider == "infcl":
-            import inf_cl
-
-            src = f"inf_cl {_dist_version('inf-cl')}"
-
-            def f(img, txt, scale, tgt=None, kind="infonce", logit_bias=None, backend=None):
-                _only_clip(provider, kind, tgt, logit_bias)
-                hd = _infcl_head_dim(img.shape[1])
-                return 0.5 * (inf_cl.cal_flash_loss(img, txt, scale=scale, head_dim=hd).mean()
-                              + inf_cl.cal_flash_loss(txt, img, scale=scale, head_dim=hd).mean())
-        else:
-            raise ValueError(provider)
-        RES["meta"][f"{provider}_source"] = src
-        _OTHER_FNS[provider] = f
-    return _OTHER_FNS[provider]
-
-
-def _only_clip(provider, kind, tgt, bias):
-    if kind != "infonce" or tgt is not None or bias is not None:
-        raise NotImplementedError(f"{provider} computes the hard-label CLIP loss only (infonce, identity target, "
-                                  "no bias)")
-
-
-def _dist_version(name):
-    try:
-        from importlib.metadata import version
-
-        return version(name)
-    except Exception:
-        return "?"
+    return _gpu_providers.other_loss_fn(provider, RES["meta"])
 
 
 def _provider_unavailable(provider):
-    """None when the provider can run here, else the reason (logged and recorded as a skip)."""
-    try:
-        if provider == "openclip":
-            _load_clip_loss()
-        else:
-            import inf_cl  # noqa: F401
-    except Exception as e:
-        return (f"not importable ({type(e).__name__}: {str(e)[:120]}); offline install: see the docstring "
-                "(bench/wheels from bench/fetch_wheels.sh)")
-    if provider == "infcl" and DEV != "cuda":
-        return ("CUDA only: its _flash_prob_forward/backward assert q.is_cuda and the backward kernels use PTX "
-                "inline asm (cvt.rna.tf32.f32), which the Triton CPU interpreter cannot run")
-    return None
+    return _gpu_providers.provider_unavailable(provider, DEV)
 
 
 def compare_provider(provider, N, d, dtype):
@@ -704,7 +530,7 @@ def compare_provider(provider, N, d, dtype):
     rec = dict(provider=provider, N=N, d=d, dtype=str(dtype).replace("torch.", ""),
                loss_dtype=str(theirs.dtype).replace("torch.", ""), loss_ours=lo, loss_theirs=lt,
                rel_err_value=abs(lt - lo) / max(abs(lo), 1e-30),
-               rel_err_grad={nm: _relerr(b, a) for nm, a, b in zip(("U", "V", "scale"), g_ours, g_theirs)})
+               rel_err_grad={nm: _gpu_correctness._relerr(b, a) for nm, a, b in zip(("U", "V", "scale"), g_ours, g_theirs)})
     RES["providers"].append(rec)
     log(f"{provider:8s} vs ours N={N} d={d} {rec['dtype']}: loss {lt:.6f} vs {lo:.6f} "
         f"rel err {rec['rel_err_value']:.2e}; grads rel err " +
@@ -776,73 +602,14 @@ def sec_providers(until):
 
 # ------------------------------------------------------------------------------------------ report
 def write_report():
+    from _gpu_report import write_csv, write_markdown
+
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "gpu_results.json"), "w") as f:
         json.dump(RES, f, indent=1, default=str)
-    m = RES["meta"]
-    lines = [f"# GPU check — {m.get('gpu', '?')}, torch {m.get('torch')}, CUDA {m.get('cuda')}, "
-             f"triton {m.get('triton')}, {m.get('date')}", ""]
-    if RES["ceiling"]:
-        lines.append("Ceiling (dense 8192³ matmul): " + ", ".join(
-            f"{k} {v['tflops']:.0f} TFLOP/s" for k, v in RES["ceiling"].items()))
-        lines.append("")
-    if RES["correctness"]:
-        ok = sum(c["ok"] for c in RES["correctness"])
-        lines += [f"## Correctness vs float64 oracle ({ok}/{len(RES['correctness'])} pass)", "",
-                  "| prim | kind | target | M | N | d | scale | mode | worst rel err (value, ∂, ∂²) | eager same dtype "
-                  "| ok |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for c in RES["correctness"]:
-            lines.append(f"| {c['prim']} | {c['kind']} | {c['target']} | {c['M']} | {c['N']} | {c['d']} | "
-                         f"{c['scale']:g} | {c['mode']} | {c['worst']:.2e} | {c['worst_eager']:.2e} | {'yes' if c['ok'] else 'NO'} |")
-        lines.append("")
-    if RES.get("precompile"):
-        pc = RES["precompile"]
-        lines += [f"Precompile (worker processes): {pc['done']}/{pc['jobs']} candidate jobs, {pc['compile_s']} s of "
-                  f"worker time, {pc['failed']} failed", ""]
-    if RES.get("sweep_best"):
-        lines += [f"Config sweep (bf16, N=16384, d=512) best: `{RES['sweep_best']}`", ""]
-    bf = RES["ceiling"].get("bf16", {}).get("tflops")
-    tf = RES["ceiling"].get("tf32", {}).get("tflops")
-    for title, rows in (("fwd+bwd", RES["timing"]), ("double backward", RES["double_backward"])):
-        if not rows:
-            continue
-        lines += [f"## Timings: {title} (lors_fast.contrastive_loss; ms median [p20, p80]; TFLOP/s by 8·N²·(d+r))",
-                  "", "| provider | kind | target | N | d | dtype | ms | p20 | p80 | TFLOP/s | % of matmul | peak MiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            ceil = bf if r["dtype"] in ("bfloat16", "float16") else tf
-            pct = f"{100 * r['tflops'] / ceil:.0f}%" if ceil and r["mode"] == "fwd+bwd" else "-"
-            lines.append(f"| {r['provider']} | {r['kind']} | {r['target']} | {r['N']} | {r['d']} | {r['dtype']} | "
-                         f"{r['ms']:.3f} | {r['p20']:.3f} | {r['p80']:.3f} | {r['tflops']:.1f} | {pct} | "
-                         f"{r['peak_mib']:.1f} |")
-        lines.append("")
-    if RES["providers"] or any(r["provider"] in _OTHER_PROVIDERS for r in RES["timing"]):
-        lines += ["## Other providers: symmetric hard-label CLIP loss (infonce, identity target), fwd+bwd", "",
-                  "| provider | N | d | input dtype | loss | ours (triton) | rel err loss | rel err ∂U, ∂V, ∂s | "
-                  "ms | ours ms | ours/theirs (time) | peak MiB | ours peak MiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for c in RES["providers"]:
-            t = next((r for r in RES["timing"] if r["provider"] == c["provider"] and r["N"] == c["N"] and
-                      r["d"] == c["d"] and r["dtype"] == c["dtype"]), {})
-            ge = ", ".join(f"{v:.1e}" for v in c["rel_err_grad"].values())
-
-            def fm(k, f="{:.3f}", t=t):
-                return f.format(t[k]) if k in t else "-"
-            lines.append(f"| {c['provider']} | {c['N']} | {c['d']} | {c['dtype']} | {c['loss_theirs']:.6f} | "
-                         f"{c['loss_ours']:.6f} | {c['rel_err_value']:.1e} | {ge} | {fm('ms')} | {fm('ours_ms')} | "
-                         f"{fm('ratio_ours_over_theirs')} | {fm('peak_mib', '{:.1f}')} | "
-                         f"{fm('ours_peak_mib', '{:.1f}')} |")
-        lines.append("")
-        lines += [f"- {k}: {v}" for k, v in OTHER_NOTES.items()]
-        lines += [f"- {k}: {m[k]}" for k in ("openclip_source", "infcl_source", "infcl_dtypes_run") if k in m]
-        lines += ["- ours/theirs (time) < 1: ours is faster; the rows are also in the timing table (provider column).",
-                  ""]
-    if RES["errors"]:
-        lines += ["## Errors / skipped", ""] + [f"- {e['section']}: {e['error'][:300]}" for e in RES["errors"]]
-    with open(os.path.join(OUT, "gpu_results.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    log(f"wrote {OUT}/gpu_results.json and gpu_results.md")
+    write_markdown(RES, OUT, _OTHER_PROVIDERS, OTHER_NOTES)
+    write_csv(RES, OUT)
+    log(f"wrote {OUT}/gpu_results.json, gpu_results.md and gpu_results.csv")
 
 
 def main():
@@ -869,6 +636,7 @@ def main():
         run_section("providers", sec_providers, min(max(255.0, el() + 20), BUDGET - 15))
         run_section("grid", sec_grid, BUDGET - 15)
     finally:
+        _RUN.close()
         if "ex" in _WARM:
             _WARM["ex"].shutdown(wait=False, cancel_futures=True)
         write_report()

@@ -58,11 +58,25 @@ def test_features_device_mismatch():
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
-def test_features_non_finite(bad):
+def test_features_non_finite(bad, monkeypatch):
+    """Value checks run in validation mode only (argument or LORS_FAST_VALIDATE); off by default."""
     U, V = feats()
     V[2, 1] = bad
     with pytest.raises(ValueError, match=r"text_features contains non-finite values"):
+        contrastive_loss(U, V, 10.0, backend="streaming", validate=True)
+    monkeypatch.setenv("LORS_FAST_VALIDATE", "1")
+    with pytest.raises(ValueError, match=r"text_features contains non-finite values"):
         contrastive_loss(U, V, 10.0, backend="streaming")
+    monkeypatch.delenv("LORS_FAST_VALIDATE")
+    assert not torch.isfinite(contrastive_loss(U, V, 10.0, backend="streaming"))  # no check, nan/inf flows
+
+
+def test_tensor_scale_non_finite_in_validation_mode():
+    U, V = feats()
+    with pytest.raises(ValueError, match=r"logit_scale must be finite, got nan"):
+        contrastive_loss(U, V, torch.tensor(math.nan), validate=True)
+    with pytest.raises(ValueError, match=r"logit_bias must be finite, got inf"):
+        contrastive_loss(U, V, 10.0, logit_bias=torch.tensor(math.inf), kind="siglip", validate=True)
 
 
 def test_unknown_kind():
@@ -141,7 +155,7 @@ def test_target_non_finite():
     t = lowrank()
     t.left[1, 0] = math.nan
     with pytest.raises(ValueError, match=r"target.left contains non-finite values"):
-        contrastive_loss(U, V, 10.0, t, kind="infonce")
+        contrastive_loss(U, V, 10.0, t, kind="infonce", validate=True)
 
 
 def test_target_wrong_type():

@@ -260,7 +260,9 @@ def test_bad_forward_inputs():
     with pytest.raises(ValueError, match="logit_bias"):
         SigLipLoss()(U, V, 1.0, float("inf"))
     with pytest.raises(ValueError, match="non-finite"):
-        ClipLoss()(U.clone().fill_(float("nan")), V, 1.0)
+        ClipLoss(validate=True)(U.clone().fill_(float("nan")), V, 1.0)
+    with pytest.raises(ValueError, match="non-finite"):
+        SigLipLoss(validate=True)(U, V.clone().fill_(float("inf")), 1.0, b)
 
 
 # ------------------------------------------------------------------------------------ distributed

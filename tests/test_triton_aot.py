@@ -77,17 +77,12 @@ def test_defaults_spill_little(sm90_rows):
 
 def test_whole_d_falls_back_beyond_512():
     from lors_fast.ops import triton_backend as tb
+    from lors_fast.ops.options import override
 
     cuda = torch.device("cuda")  # a device object only: no GPU needed to pick a config
-    saved = dict(tb.CONFIG_OVERRIDE)
-    try:
-        tb.CONFIG_OVERRIDE.clear()
-        tb.CONFIG_OVERRIDE["bwd"] = dict(WD=True, BN=32)
+    with override(configs={"bwd": dict(WD=True, BN=32)}, replace_configs=True):
         at512 = tb._config("bwd", 512, torch.bfloat16, cuda)
         at768 = tb._config("bwd", 768, torch.bfloat16, cuda)
-    finally:
-        tb.CONFIG_OVERRIDE.clear()
-        tb.CONFIG_OVERRIDE.update(saved)
     assert at512.WD and at512.BDO == 512 and at512.DP == 512
     assert not at768.WD and at768.BDO == 512 and at768.BN == 32  # K-loop layout, d in two 512-chunks
     with pytest.raises(ValueError, match="unknown kernel stage"):

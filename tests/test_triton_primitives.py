@@ -5,6 +5,7 @@ before the kernel module (imported lazily by lors_fast.ops.triton_backend at the
 Sizes stay tiny (one or two 64-row programs). GPU checks are marked ``gpu`` and skipped without CUDA.
 """
 
+import contextlib
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -17,6 +18,7 @@ triton = pytest.importorskip("triton")
 from lors_fast.core.kinds import PAIR_PHIS, TRITON_KINDS, interpreting  # noqa: E402
 from lors_fast.core.reference import reference_lse, reference_pairsum  # noqa: E402
 from lors_fast.ops import TritonPrimitives  # noqa: E402
+from lors_fast.ops.options import override  # noqa: E402
 
 INTERP = interpreting()
 if not INTERP and not torch.cuda.is_available():
@@ -219,17 +221,16 @@ _ALL_STAGES = ("fwd", "bwd", "pre", "dbl", "fwd_pair", "bwd_pair", "dbl_pair")
 
 @pytest.mark.parametrize("lowrank_16bit,wd", [(False, False), (True, False), (False, True)],
                          ids=["rank-r-fp32", "rank-r-16bit", "whole-d"])
-def test_fp16_native_operands_gpu_code_path(monkeypatch, lowrank_16bit, wd):
-    # The GPU path keeps 16-bit GEMM operands (G·V, and with LOWRANK_16BIT the rank-r tiles and the hi/lo
-    # split of S; with WD the resident row block and the column tiles) instead of upcasting. The interpreter
-    # handles fp16 (not bf16) natively, so this runs that code path on CPU.
-    import lors_fast.ops.triton_backend as tb
+def test_fp16_native_operands_gpu_code_path(lowrank_16bit, wd):
+    # The GPU path keeps 16-bit GEMM operands (G·V, and with experimental_lowrank_16bit the rank-r tiles and the
+    # hi/lo split of S; with WD the resident row block and the column tiles) instead of upcasting. The
+    # interpreter handles fp16 (not bf16) natively, so this runs that code path on CPU.
+    with override(interpret_native_16bit=INTERP, experimental_lowrank_16bit=lowrank_16bit,
+                  configs={st: {"WD": True} for st in _ALL_STAGES} if wd else {}):
+        _fp16_native_cases()
 
-    if INTERP:
-        monkeypatch.setattr(tb, "_INTERPRET_NATIVE_16BIT", True)
-    monkeypatch.setattr(tb, "LOWRANK_16BIT", lowrank_16bit)
-    if wd:
-        monkeypatch.setattr(tb, "CONFIG_OVERRIDE", {st: {"WD": True} for st in _ALL_STAGES})
+
+def _fp16_native_cases():
     U, V, s, b, tgt = make_inputs(33, 33, 40, 2, F64, seed=12)
     kin, oin = _leaves(U.half().double(), V.half().double(), s, b, tgt, torch.float16, DEV)
     npos, nneg = _counts(P_EXACT, kin[4], 33)
@@ -240,25 +241,23 @@ def test_fp16_native_operands_gpu_code_path(monkeypatch, lowrank_16bit, wd):
             1e-2, 1e-4, "lse fp16")
 
 
-def test_lse_unfused_column_pass(monkeypatch):
-    import lors_fast.ops.triton_backend as tb
-
-    monkeypatch.setattr(tb, "FWD_FUSED_COLUMNS", False)
+def test_lse_unfused_column_pass():
     U, V, s, b, _ = make_inputs(30, 70, 24, 1, F64, seed=13, lowrank=False)
     kin, oin = _leaves(U, V, s, b, None, torch.float32, DEV)
-    compare(lambda: P_EXACT.lse(*kin[:4]), lambda: oracle_lse(*oin[:4]), kin, oin, *TOL[torch.float32],
-            "lse unfused", second=False)
+    with override(fwd_fused_columns=False):
+        compare(lambda: P_EXACT.lse(*kin[:4]), lambda: oracle_lse(*oin[:4]), kin, oin, *TOL[torch.float32],
+                "lse unfused", second=False)
 
 
 @pytest.fixture
-def whole_d(monkeypatch):
+def whole_d():
     """Every stage in the WD layout (resident row block, one load of each column tile for both GEMMs)."""
     import lors_fast.ops.triton_backend as tb
 
-    monkeypatch.setattr(tb, "CONFIG_OVERRIDE", {st: {"WD": True} for st in _ALL_STAGES})
-    assert tb._config("bwd", 40, torch.float32, torch.device(DEV)).WD
-    assert tb._config("dbl_pair", 40, torch.float32, torch.device(DEV)).BDO == 64  # d = 40 padded to DP = 64
-    return tb
+    with override(configs={st: {"WD": True} for st in _ALL_STAGES}):
+        assert tb._config("bwd", 40, torch.float32, torch.device(DEV)).WD
+        assert tb._config("dbl_pair", 40, torch.float32, torch.device(DEV)).BDO == 64  # d = 40 padded to DP = 64
+        yield tb
 
 
 @pytest.mark.parametrize("case", [(17, 5, 33, False), (65, 63, 24, True), (1, 1, 3, True)],
@@ -284,12 +283,12 @@ def test_whole_d_layout_pairsum(whole_d, case):
 @pytest.mark.parametrize("case", [(17, 5, 33, False, torch.float64), (65, 63, 24, True, torch.float64),
                                   (1, 1, 3, True, torch.float64), (70, 40, 24, True, torch.float32)],
                          ids=lambda c: f"M{c[0]}-N{c[1]}-d{c[2]}-{str(c[4])[6:]}")
-def test_lse_backward_by_strips(monkeypatch, case):
+def test_lse_backward_by_strips(request, case):
     """STRIP: the backward as G tiles written per strip of rows (of U, then of V) and library matmuls; strips
     of 32 rows (two or three per side here, the last one short), values and first and second derivatives."""
-    import lors_fast.ops.triton_backend as tb
-
-    monkeypatch.setattr(tb, "CONFIG_OVERRIDE", {"bwd": dict(STRIP=32, BM=16, BN=16, BK=16)})
+    stack = contextlib.ExitStack()
+    request.addfinalizer(stack.close)
+    stack.enter_context(override(configs={"bwd": dict(STRIP=32, BM=16, BN=16, BK=16)}))
     M, N, d, bias, dt = case
     U, V, s, b, _ = make_inputs(M, N, d, 1, F64, seed=23, bias=bias, lowrank=False)
     kin, oin = _leaves(U, V, s, b, None, dt, DEV)
@@ -299,12 +298,12 @@ def test_lse_backward_by_strips(monkeypatch, case):
 @pytest.mark.parametrize("case", [("wbce", "lowrank", 70, torch.float64), ("mse", "lowrank", 33, torch.float64),
                                   ("bce", "identity", 40, torch.float64), ("wbce", "lowrank", 50, torch.float32)],
                          ids=lambda c: f"{c[0]}-{c[1]}-N{c[2]}-{str(c[3])[6:]}")
-def test_pair_backward_by_strips(monkeypatch, case):
+def test_pair_backward_by_strips(request, case):
     """STRIP for the pair kinds: s·G tiles per strip + library matmuls, H·Lb from per-tile partials summed
     over column tiles, diag(H) from the one tile holding each row's diagonal."""
-    import lors_fast.ops.triton_backend as tb
-
-    monkeypatch.setattr(tb, "CONFIG_OVERRIDE", {"bwd_pair": dict(STRIP=32, BM=16, BN=16, BK=16)})
+    stack = contextlib.ExitStack()
+    request.addfinalizer(stack.close)
+    stack.enter_context(override(configs={"bwd_pair": dict(STRIP=32, BM=16, BN=16, BK=16)}))
     kind, tg, n, dt = case
     U, V, s, b, tgt = make_inputs(n, n, 20, 3, F64, seed=24, lowrank=tg == "lowrank")
     kin, oin = _leaves(U, V, s, b, tgt, dt, DEV)
@@ -313,10 +312,10 @@ def test_pair_backward_by_strips(monkeypatch, case):
             lambda: oracle_pairsum(kind, *oin, npos=npos, nneg=nneg), kin, oin, *TOL[dt], f"strips {kind}/{tg}")
 
 
-def test_softplus_backward_by_strips_rectangular(monkeypatch):
-    import lors_fast.ops.triton_backend as tb
-
-    monkeypatch.setattr(tb, "CONFIG_OVERRIDE", {"bwd_pair": dict(STRIP=16, BM=16, BN=16, BK=16)})
+def test_softplus_backward_by_strips_rectangular(request):
+    stack = contextlib.ExitStack()
+    request.addfinalizer(stack.close)
+    stack.enter_context(override(configs={"bwd_pair": dict(STRIP=16, BM=16, BN=16, BK=16)}))
     U, V, s, b, _ = make_inputs(37, 50, 12, 1, F64, seed=25, lowrank=False)
     kin, oin = _leaves(U, V, s, b, None, F64, DEV)
     compare(lambda: P_EXACT.pairsum("softplus", *kin), lambda: oracle_pairsum("softplus", *oin), kin, oin,
@@ -324,17 +323,12 @@ def test_softplus_backward_by_strips_rectangular(monkeypatch):
 
 
 @pytest.mark.parametrize("how", ["flag-off", "over-cap"])
-def test_lse_double_backward_two_pass_pre(monkeypatch, how):
+def test_lse_double_backward_two_pass_pre(how):
     # the unfused pre-pass (ρ and κ in two sweeps), taken when asked or when the partials buffer is too big
-    import lors_fast.ops.triton_backend as tb
-
-    if how == "flag-off":
-        monkeypatch.setattr(tb, "DBL_FUSED_PRE", False)
-    else:
-        monkeypatch.setattr(tb, "DBL_FUSED_PRE_MAX_BYTES", 0)
     U, V, s, b, _ = make_inputs(30, 70, 24, 1, F64, seed=14, lowrank=False)
     kin, oin = _leaves(U, V, s, b, None, F64, DEV)
-    compare(lambda: P_EXACT.lse(*kin[:4]), lambda: oracle_lse(*oin[:4]), kin, oin, *TOL[F64], f"lse pre {how}")
+    with override(**({"dbl_fused_pre": False} if how == "flag-off" else {"dbl_fused_pre_max_bytes": 0})):
+        compare(lambda: P_EXACT.lse(*kin[:4]), lambda: oracle_lse(*oin[:4]), kin, oin, *TOL[F64], f"lse pre {how}")
 
 
 def test_extreme_logits_finite():

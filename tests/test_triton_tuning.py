@@ -10,6 +10,7 @@ pytest.importorskip("triton")
 
 from lors_fast.ops import triton_backend as tb  # noqa: E402
 from lors_fast.ops import triton_tuning as tt  # noqa: E402
+from lors_fast.ops.options import current, override  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 CANDS = {"bwd": [None, dict(BM=32, BN=16, num_warps=4, num_stages=1)],
@@ -35,7 +36,7 @@ def test_tune_save_and_lookup(table_path):
         assert e["config"] == ({} if cand["ms"] > 0.97 * default["ms"] else cand["config"])
         assert e["ms"] == (default["ms"] if e["config"] == {} else cand["ms"])
         assert e["key"] == f"{e['stage']}|float32|32"  # d = 20 → DP = 32
-    assert tb.CONFIG_OVERRIDE == {}  # tuning leaves no override behind
+    assert not current().configs  # tuning leaves no override behind
     # force a known winner, save, and the backend's config lookup returns it for this device, dtype and DP
     res["entries"][0]["config"] = dict(BM=32, BN=16, num_warps=4, num_stages=1)
     assert tt.save(res) == table_path
@@ -45,12 +46,9 @@ def test_tune_save_and_lookup(table_path):
     assert (cfg.BM, cfg.BN, cfg.num_warps) == (32, 16, 4)
     assert tb._config("bwd", 20, torch.bfloat16, torch.device(DEV)).BN != 16  # another dtype: no entry
     assert tb._config("bwd", 600, torch.float32, torch.device(DEV)).BN != 16  # DP = 1024: no entry
-    # CONFIG_OVERRIDE still wins over the table
-    tb.CONFIG_OVERRIDE[("bwd", "float32")] = dict(BN=8)
-    try:
+    # an options override still wins over the table
+    with override(configs={("bwd", "float32"): dict(BN=8)}):
         assert tb._config("bwd", 20, torch.float32, torch.device(DEV)).BN == 8
-    finally:
-        tb.CONFIG_OVERRIDE.clear()
     # saving again merges (the fwd_pair entry stays, a second dtype is added)
     res["dtype"] = "bfloat16"
     for e in res["entries"]:
@@ -95,7 +93,7 @@ def test_precompile_runs_every_candidate_in_worker_processes(table_path):
         assert len(futs) == 2 and all("error" not in f.result(timeout=300) for f in futs)
     finally:
         ex.shutdown()
-    assert tb.CONFIG_OVERRIDE == {}
+    assert not current().configs
 
 
 def test_bad_tables_and_arguments(table_path):
@@ -187,8 +185,8 @@ def test_every_candidate_config_is_correct(stage, monkeypatch):
                 for st in (("fwd", "bwd", "dbl") if key in ("fwd", "bwd", "dbl") else (key,))}
         if not stage.endswith("_pair"):
             over[("pre", "float64")] = {k: v for k, v in cfg.items() if k != "BDO"}
-        monkeypatch.setattr(tb, "CONFIG_OVERRIDE", over)
-        got = derivs("triton")
+        with override(configs=over, replace_configs=True):
+            got = derivs("triton")
         for i, (a_, b_) in enumerate(zip(got, ref)):
             err = float((a_ - b_).abs().max())
             assert err <= 1e-9 * max(1.0, float(b_.abs().max())), (stage, cfg, i, err)

@@ -84,10 +84,38 @@ def _col_scaled(t, w, n, like):
     return ("dense", t[1] * w[None, :])
 
 
-def compose_loss(prims, U, V, scale, target, kind, bias=None, *, kl_temperature=10.0, fallback=None):
+class CastPrimitives:
+    """``prims`` fed features and target factors cast to ``dtype`` (16-bit kernels under the fp32 loss
+    algebra, :func:`lors_fast.core.functional.amp_inputs`); outputs as ``prims`` returns them (their
+    accumulation dtype); gradients flow back through the casts."""
+
+    def __init__(self, prims, dtype: torch.dtype):
+        self.prims, self.dtype, self.name = prims, dtype, prims.name
+
+    def _t(self, t):
+        if t is None:
+            return None
+        return (t[0], *(x.to(self.dtype) for x in t[1:]))
+
+    def lse(self, U, V, scale, bias):
+        return self.prims.lse(U.to(self.dtype), V.to(self.dtype), scale, bias)
+
+    def pairsum(self, kind, U, V, scale, bias, target, npos=None, nneg=None):
+        return self.prims.pairsum(kind, U.to(self.dtype), V.to(self.dtype), scale, bias, self._t(target),
+                                  npos=npos, nneg=nneg)
+
+    def count_pos(self, t, n):
+        return self.prims.count_pos(self._t(t), n)
+
+
+def compose_loss(prims, U, V, scale, target, kind, bias=None, *, kl_temperature=10.0, fallback=None,
+                 prim_dtype=None):
     """The loss ``kind`` over ``prims`` (a backend's primitives). ``scale``/``bias``: 0-dim tensors (bias may
-    be None). ``fallback``: primitives used for what ``prims`` lacks (``kl``)."""
+    be None). ``fallback``: primitives used for what ``prims`` lacks (``kl``). ``prim_dtype``: the dtype the
+    primitives read (None: U's), the O(N·r·d) terms stay in U's dtype."""
     n = U.shape[0]
+    if prim_dtype is not None and prim_dtype != U.dtype:
+        prims = CastPrimitives(prims, prim_dtype)
     t = normalise_target(target)
     if kind in ("infonce", "cwcl"):
         lse_r, lse_c = prims.lse(U, V, scale, bias)

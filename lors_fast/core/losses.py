@@ -2,8 +2,9 @@
 
 ``ClipLoss`` and ``SigLipLoss`` take the constructor arguments, forward signatures and return values of
 open_clip 3.x's classes of the same names (the loss tensor, or ``{"contrastive_loss": loss}`` with
-``output_dict=True``), plus keyword-only extras ``backend`` ("auto" | "reference" | "streaming" | "triton")
-and ``chunk_size`` (rows per chunk of the streaming backend). No logit matrix is ever materialised
+``output_dict=True``), plus keyword-only extras ``backend`` ("auto" | "reference" | "streaming" | "triton"),
+``chunk_size`` (rows per chunk of the streaming backend) and ``validate`` (finiteness checks, host reads;
+default ``LORS_FAST_VALIDATE``). Under autocast the loss is fp32, as open_clip's. No logit matrix is ever materialised
 (except by ``backend="reference"`` and the compatibility helper ``get_logits``).
 
 How each case maps onto the core (Z = s·U·Vᵀ + b; M local rows per rank, W = world_size, r = rank):
@@ -30,7 +31,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lors_fast.core.functional import BACKENDS, _check_scalar, _validate, contrastive_loss, resolve_backend
+from lors_fast.core.compose import CastPrimitives
+from lors_fast.core.functional import (
+    BACKENDS,
+    _check_scalar,
+    _validate,
+    amp_inputs,
+    amp_region,
+    contrastive_loss,
+    resolve_backend,
+    validation_enabled,
+)
 from lors_fast.core.kinds import KINDS
 from lors_fast.core.streaming import StreamingPrimitives
 
@@ -76,10 +87,20 @@ def _check_process_group(rank: int, world_size: int):
                          f"has rank {torch.distributed.get_rank()}, world size {torch.distributed.get_world_size()}")
 
 
-def _scalars(U, logit_scale, logit_bias):
-    scale = _check_scalar("logit_scale", logit_scale, U)
-    bias = None if logit_bias is None else _check_scalar("logit_bias", logit_bias, U)
+def _scalars(U, logit_scale, logit_bias, validate=False):
+    scale = _check_scalar("logit_scale", logit_scale, U, validate)
+    bias = None if logit_bias is None else _check_scalar("logit_bias", logit_bias, U, validate)
     return scale, bias
+
+
+def _amp_blocks(U, V, backend, kind, chunk_size):
+    """(U, V, primitives) of the rectangular blocks under the AMP contract of ``contrastive_loss`` (call
+    inside :func:`amp_region`)."""
+    which = resolve_backend(backend, U.device, kind, U.dtype)
+    amp = torch.amp.is_autocast_available(U.device.type) and torch.is_autocast_enabled(U.device.type)
+    U, V, _, prim = amp_inputs(U, V, None, which, amp)
+    prims = block_primitives(backend, U.device, kind, chunk_size, U.dtype)
+    return U, V, (prims if prim is None else CastPrimitives(prims, prim))
 
 
 # ------------------------------------------------------------------------------------- primitives
@@ -212,7 +233,8 @@ class ClipLoss(nn.Module):
     """
 
     def __init__(self, local_loss=False, gather_with_grad=False, cache_labels=False, rank=0, world_size=1,
-                 use_horovod=False, *, backend: str = "auto", chunk_size: int | None = None):
+                 use_horovod=False, *, backend: str = "auto", chunk_size: int | None = None,
+                 validate: bool | None = None):
         super().__init__()
         errors: list = []
         _check_common(errors, rank=rank, world_size=world_size, backend=backend, chunk_size=chunk_size,
@@ -226,7 +248,7 @@ class ClipLoss(nn.Module):
         _raise("ClipLoss", errors)
         self.local_loss, self.gather_with_grad, self.cache_labels = local_loss, gather_with_grad, cache_labels
         self.rank, self.world_size, self.use_horovod = rank, world_size, use_horovod
-        self.backend, self.chunk_size = backend, chunk_size
+        self.backend, self.chunk_size, self.validate = backend, chunk_size, validate
         self.prev_num_logits = 0
         self.labels = {}
 
@@ -258,22 +280,24 @@ class ClipLoss(nn.Module):
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
         """open_clip's ClipLoss interface: the symmetric InfoNCE loss of the features (a dict with
         ``contrastive_loss`` when ``output_dict``)."""
-        _validate(image_features, text_features, None, "infonce")
-        scale, bias = _scalars(image_features, logit_scale, logit_bias)
+        check = validation_enabled(self.validate)
+        _validate(image_features, text_features, None, "infonce", check)
+        scale, bias = _scalars(image_features, logit_scale, logit_bias, check)
+        kw = dict(kind="infonce", logit_bias=bias, backend=self.backend, chunk_size=self.chunk_size, validate=False)
         if self.world_size == 1:
-            loss = contrastive_loss(image_features, text_features, scale, kind="infonce", logit_bias=bias,
-                                    backend=self.backend, chunk_size=self.chunk_size)
+            loss = contrastive_loss(image_features, text_features, scale, **kw)
         else:
             img_all, txt_all = self._gather(image_features, text_features)
             if self.local_loss:
                 m = image_features.shape[0]
-                prims = block_primitives(self.backend, image_features.device, "infonce", self.chunk_size,
-                                         image_features.dtype)
-                loss = 0.5 * (clip_block_loss(prims, image_features, txt_all, m * self.rank, scale, bias)
-                              + clip_block_loss(prims, text_features, img_all, m * self.rank, scale, bias))
+                with amp_region(image_features.device):
+                    img, img_all, prims = _amp_blocks(image_features, img_all, self.backend, "infonce",
+                                                      self.chunk_size)
+                    txt, txt_all, _ = _amp_blocks(text_features, txt_all, self.backend, "infonce", self.chunk_size)
+                    loss = 0.5 * (clip_block_loss(prims, img, txt_all, m * self.rank, scale, bias)
+                                  + clip_block_loss(prims, txt, img_all, m * self.rank, scale, bias))
             else:
-                loss = contrastive_loss(img_all, txt_all, scale, kind="infonce", logit_bias=bias,
-                                        backend=self.backend, chunk_size=self.chunk_size)
+                loss = contrastive_loss(img_all, txt_all, scale, **kw)
         return {"contrastive_loss": loss} if output_dict else loss
 
 
@@ -286,7 +310,8 @@ class SigLipLoss(nn.Module):
     """
 
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
-                 dist_impl: str | None = None, *, backend: str = "auto", chunk_size: int | None = None):
+                 dist_impl: str | None = None, *, backend: str = "auto", chunk_size: int | None = None,
+                 validate: bool | None = None):
         super().__init__()
         errors: list = []
         _check_common(errors, rank=rank, world_size=world_size, backend=backend, chunk_size=chunk_size,
@@ -296,7 +321,7 @@ class SigLipLoss(nn.Module):
         _raise("SigLipLoss", errors)
         self.cache_labels, self.rank, self.world_size = cache_labels, rank, world_size
         self.dist_impl = dist_impl or "bidir"
-        self.backend, self.chunk_size = backend, chunk_size
+        self.backend, self.chunk_size, self.validate = backend, chunk_size, validate
         self.prev_num_logits = 0
         self.labels = {}
 
@@ -314,8 +339,9 @@ class SigLipLoss(nn.Module):
 
     def _remote_blocks(self, U, V, scale, bias):
         """Σ of the negative-only blocks of this rank's images against the other ranks' texts."""
-        prims = block_primitives(self.backend, U.device, "siglip", self.chunk_size, U.dtype)
-        neg = lambda T: siglip_negative_block(prims, U, T, scale, bias)  # noqa: E731
+        U, _, prims = _amp_blocks(U, U, self.backend, "siglip", self.chunk_size)
+        cdt = U.dtype
+        neg = lambda T: siglip_negative_block(prims, U, T.to(cdt), scale, bias)  # noqa: E731
         w, r = self.world_size, self.rank
         left, right = (r - 1) % w, (r + 1) % w
         total = 0.0
@@ -348,13 +374,15 @@ class SigLipLoss(nn.Module):
     def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict=False):
         """open_clip's SigLipLoss interface: the sigmoid pair loss of the features (a dict with
         ``contrastive_loss`` when ``output_dict``)."""
-        _validate(image_features, text_features, None, "siglip")
-        scale, bias = _scalars(image_features, logit_scale, logit_bias)
+        check = validation_enabled(self.validate)
+        _validate(image_features, text_features, None, "siglip", check)
+        scale, bias = _scalars(image_features, logit_scale, logit_bias, check)
         loss = contrastive_loss(image_features, text_features, scale, kind="siglip", logit_bias=bias,
-                                backend=self.backend, chunk_size=self.chunk_size)
+                                backend=self.backend, chunk_size=self.chunk_size, validate=False)
         if self.world_size > 1:
             _check_process_group(self.rank, self.world_size)
-            loss = loss + self._remote_blocks(image_features, text_features, scale, bias)
+            with amp_region(image_features.device):
+                loss = loss + self._remote_blocks(image_features, text_features, scale, bias)
         return {"contrastive_loss": loss} if output_dict else loss
 
 
@@ -366,10 +394,11 @@ class ContrastiveLoss(nn.Module):
         backend: "auto" | "reference" | "streaming" | "triton".
         kl_temperature: τ of the "kl" kind (finite, > 0).
         chunk_size: rows per chunk of the streaming backend (None: automatic).
+        validate: finiteness checks (host reads); None: ``LORS_FAST_VALIDATE``.
     """
 
     def __init__(self, kind: str = "infonce", backend: str = "auto", kl_temperature: float = 10.0, *,
-                 chunk_size: int | None = None):
+                 chunk_size: int | None = None, validate: bool | None = None):
         super().__init__()
         errors: list = []
         if kind not in KINDS:
@@ -383,14 +412,14 @@ class ContrastiveLoss(nn.Module):
             errors.append(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
         _raise("ContrastiveLoss", errors)
         self.kind, self.backend, self.kl_temperature = kind, backend, float(kl_temperature)
-        self.chunk_size = chunk_size
+        self.chunk_size, self.validate = chunk_size, validate
 
     def forward(self, image_features, text_features, logit_scale, target=None, logit_bias=None):
         """``contrastive_loss`` of the features with this module's kind and backend against ``target``
         (identity when None)."""
         return contrastive_loss(image_features, text_features, logit_scale, target, kind=self.kind,
                                 logit_bias=logit_bias, backend=self.backend, kl_temperature=self.kl_temperature,
-                                chunk_size=self.chunk_size)
+                                chunk_size=self.chunk_size, validate=self.validate)
 
     def extra_repr(self) -> str:
         """``kind``, ``backend`` and ``kl_temperature`` for the module's repr."""

@@ -9,7 +9,7 @@ operators that give the launchers their autograd and ``torch.compile`` support l
 Each primitive has a forward, a backward and a hand-written fused double backward launcher, so
 ``torch.autograd.grad(..., create_graph=True)`` followed by a second grad is exact w.r.t. U, V, scale, bias and
 the low-rank factors. The forward saves only O(N) statistics (row/column LSE); its fused column LSE uses a
-transient (M/BM)·N fp32 buffer of per-row-block partials (``FWD_FUSED_COLUMNS``; False: a second row pass
+transient (M/BM)·N fp32 buffer of per-row-block partials (option ``fwd_fused_columns``; False: a second row pass
 instead, no buffer). The backward and double backward recompute N×N tiles in a row-block pass and a
 column-block pass (the column pass is the row kernel with the roles of U and V swapped). No N×N buffer, no
 atomics: scalar gradients are per-program partials summed in torch (deterministic).
@@ -19,7 +19,7 @@ best of bench/gpu_check.py's sweep on an H200; the pair kinds' tiles: the non-sp
 bench/aot_check.py), not ``triton.autotune``: every (kind, target, pass) is its own kernel specialisation,
 and autotuning each would cost minutes of compilation; M and N are not specialised on (no recompile when the batch changes).
 Tuned tables (``lors-fast tune-kernels``, :mod:`triton_tuning`) replace them per GPU model, and
-``CONFIG_OVERRIDE`` replaces both (benchmarks, tests).
+``lors_fast.ops.options.override(configs=...)`` replaces both (benchmarks, tests).
 
 Dense targets are not fused: they are delegated to the chunked torch backend
 (:class:`lors_fast.core.streaming.StreamingPrimitives`), which is O(N²) in memory anyway because of S itself.
@@ -28,9 +28,9 @@ Kernels run on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was 
 imported (tests). Triton itself is imported lazily, at the first call.
 
 Precision: inputs fp32/bf16/fp16 (and fp64 in the interpreter, for exact tests; on CUDA fp64 goes to the
-streaming path) with fp32 (fp64) accumulation. ``FP32_PRECISION``
+streaming path) with fp32 (fp64) accumulation. The option ``fp32_precision`` (:mod:`lors_fast.ops.options`)
 selects the ``tl.dot`` input precision for fp32 inputs ("tf32" by default on GPU, "ieee" for exact tests; the
-argument ``fp32_precision=`` of ``TritonPrimitives`` overrides it); ``LOWRANK_PRECISION`` that of the rank-r
+argument ``fp32_precision=`` of ``TritonPrimitives`` overrides it); ``lowrank_precision`` that of the rank-r
 target tiles (default: "ieee" when the main GEMMs are exact, "tf32" otherwise). ``count_pos`` is always exact.
 """
 
@@ -42,38 +42,16 @@ import math
 import torch
 
 from lors_fast.core.kinds import interpreting
+from lors_fast.ops.launch_common import _lowrank_parts, _pow2, _rp, _scalar  # noqa: F401 (used here and by tests)
+from lors_fast.ops.launch_defaults import default_config
+from lors_fast.ops.options import current as _opts
 
-__all__ = ["FP32_PRECISION", "LOWRANK_PRECISION", "LOWRANK_16BIT", "FWD_FUSED_COLUMNS",
-           "DBL_FUSED_PRE", "CONFIG_OVERRIDE"]
-
-FP32_PRECISION = "tf32"
-LOWRANK_PRECISION: str | None = None  # None: "ieee" with exact GEMMs, else "tf32"
-# {stage | (stage, dtype name): {"BM":.., "BN":.., "BK":.., "BDO":.., "num_warps":.., "num_stages":..}} with stage in
-# "fwd", "bwd", "pre", "dbl" and dtype name e.g. "bfloat16" (used by the benchmarks' config sweep; GPU only)
-CONFIG_OVERRIDE: dict = {}
-
-# LSE forward: one row pass that also writes per-row-block column partials (True), or two row passes
-# (False; no cross-warp column reductions, twice the GEMM work). The benchmark sweep picks.
-FWD_FUSED_COLUMNS = True
-
-# Rank-r target tiles (wbce/bce/mse with a low-rank target) for bf16/fp16 inputs: in fp32 with
-# LOWRANK_PRECISION (False, the default measured on GPU) or in the 16-bit input dtype with a hi/lo split for
-# S (True: tested under the interpreter with fp16, not yet measured on a GPU — see bench/RESULTS_GPU.md).
-LOWRANK_16BIT = False
-
-# LSE double backward: the pre-pass computes the row quantity ρ and the column quantity κ in one row pass
-# (True; κ from a transient (M/BM)·N fp32 buffer of per-row-block partials, used while it stays under
-# DBL_FUSED_PRE_MAX_BYTES) or in two passes (False: a second GEMM sweep, no buffer).
-DBL_FUSED_PRE = True
-DBL_FUSED_PRE_MAX_BYTES = 64 * 2**20
+__all__ = ["WD_MAX_DP"]
 
 # The whole-d layout (WD) keeps a (BM × DP) row block resident: beyond DP = 512 (d > 512) it cannot fit the
 # 227 KiB of shared memory of an H100/H200 next to its column tiles (bench/aot_check.py), so configs asking
-# for WD fall back to the K-loop layout there.
+# for WD fall back to the K-loop layout there (a hardware limit, not a setting).
 WD_MAX_DP = 512
-
-# Tests only: under TRITON_INTERPRET keep bf16/fp16 GEMM operands in 16 bits (the GPU code path).
-_INTERPRET_NATIVE_16BIT = False
 
 _KINDS = {"lse": 0, "bce": 1, "wbce": 2, "mse": 3, "softplus": 4}
 _K = None
@@ -102,10 +80,6 @@ def _check_device(*ts):
     for t in ts:
         if t is not None and t.device != dev:
             raise ValueError(f"all tensors must be on one device, got {dev} and {t.device}")
-
-
-def _pow2(x: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(1, x))))
 
 
 class _Cfg:
@@ -141,62 +115,11 @@ def _config(stage: str, D: int, dtype: torch.dtype, device, cc: int | None = Non
     "dbl_pair" (the pair kinds bce/wbce/mse/softplus, whose elementwise tiles hold more live registers), for a
     GPU of compute capability ``cc`` (default: the device's)."""
     dp = max(16, _pow2(D))
-    if device.type != "cuda":  # interpreter: few, big programs
-        c = dict(BM=64, BN=64, BK=32, BDO=32, num_warps=4, num_stages=1)
-    else:
-        small = dtype in (torch.bfloat16, torch.float16)
-        hopper = (cc or _arch(device)) >= 90
-        # 16-bit LSE defaults: the best of bench/gpu_check.py's sweep on an H200 (bench/RESULTS_GPU.md)
-        # (fwd: BM = 128 is within 3 % of the fastest BM = 64 and halves the column-partials buffer).
-        # The rest was chosen from sm_90a / sm_80 builds by bench/aot_check.py (bench/RESULTS_AOT.md: register
-        # spills per thread, GEMM work) and is not yet timed on a GPU; the tuning (lors-fast tune-kernels,
-        # gpu_check.py) times the alternatives:
-        # - pair kinds: narrower tiles than the LSE ones, which spill there (bf16, when chosen: fwd 128×128
-        #   708 B → 128×64 0; bwd BN 64 1228 → BN 32 156; dbl BN 64 3528 → BN 32 568);
-        # - fp32 backward: d-chunks of 512 (LSE) / 256 (pair) with BN 32, no spills; the former BDO 128
-        #   recomputed the Z tile 4× per pass at d = 512 (5 GEMM-units per pass instead of 2–3); likewise
-        #   the fp32 LSE double backward: BDO 256 with BN 32 (8 GEMM-units per pass instead of 14);
-        # - before Hopper (no wgmma): the 64×512 accumulator of the 16-bit pair backward spills 6584 B on sm_80,
-        #   24 B with BDO 256, BK 32; the fp32 pair backward keeps BDO 128 there (584 B at 256); the 16-bit LSE
-        #   backward and double backward take BN 32 (sm_80: 60 → 0 B and 592 → 20 B of spills, 24 % and 54 %
-        #   fewer instructions, the same GEMM work).
-        # - FLAT (flattened column × d loop, see triton_kernels) for the forward, the pre-pass and the LSE
-        #   backward: the first H200 run found the tile loop latency-bound (an 8-step d loop whose software
-        #   pipeline drains and refills at every column tile); flattened, the next tile's loads are in flight
-        #   during the current tile's epilogue. Their sm_90a builds stay spill-free (LSE forward 12 → 0 B,
-        #   255 → 237 registers); the pair backward and the double backwards spill more flattened, so there it
-        #   is only a tuning candidate.
-        if stage == "fwd":
-            c = (dict(BM=128, BN=128, BK=64, BDO=16, num_warps=8, num_stages=4) if small else
-                 dict(BM=128, BN=64, BK=32, BDO=16, num_warps=8, num_stages=3))
-        elif stage == "fwd_pair":
-            c = (dict(BM=128, BN=64, BK=64, BDO=16, num_warps=8, num_stages=4) if small else
-                 dict(BM=128, BN=64, BK=32, BDO=16, num_warps=8, num_stages=3))
-        elif stage == "bwd":
-            c = (dict(BM=64, BN=64 if hopper else 32, BK=64, BDO=min(dp, 512), num_warps=8, num_stages=2) if small
-                 else dict(BM=64, BN=32, BK=32, BDO=min(dp, 512), num_warps=8, num_stages=2))
-        elif stage == "bwd_pair":
-            bdo = 512 if small and hopper else 256 if small or hopper else 128
-            c = dict(BM=64, BN=32, BK=64 if small and hopper else 32, BDO=min(dp, bdo), num_warps=8, num_stages=2)
-        elif stage == "pre":
-            c = dict(BM=64, BN=64, BK=64 if small else 32, BDO=16, num_warps=4, num_stages=2)
-        elif stage == "dbl" and not small:  # fp32: BDO 128 → 256 halves the Z/T recomputes; spills 8 → 0 B
-            c = dict(BM=64, BN=32, BK=32, BDO=min(dp, 256), num_warps=8, num_stages=2)
-        elif stage in ("dbl", "dbl_pair"):
-            c = dict(BM=64, BN=32 if stage == "dbl_pair" or not hopper else 64, BK=64 if small else 32,
-                     BDO=min(dp, 256 if small else 128), num_warps=8, num_stages=2)
-        else:
-            raise ValueError(f"unknown kernel stage {stage!r}")
-    c.setdefault("FLAT", stage in ("fwd", "fwd_pair", "pre", "bwd"))  # (the interpreter ignores it)
-    # QFAST (LSE backward, pre-pass, double backward): the column softmax from the row one's exponentials
-    # (triton_kernels._col_softmax: one exp per tile element, not two). Off by default in the 16-bit backward
-    # and double backward, whose register-bound tiles spill more with its fallback branch (sm_90a: bwd 0 → 88,
-    # dbl 264 → 336 B per thread; sm_80 dbl 36 → 60); the tuning toggles it. On elsewhere (no added spills).
-    c.setdefault("QFAST", not (stage in ("bwd", "dbl") and device.type == "cuda"
-                               and dtype in (torch.bfloat16, torch.float16)))
+    cuda = device.type == "cuda"
+    c = default_config(stage, dtype in (torch.bfloat16, torch.float16), (cc or _arch(device)) if cuda else None,
+                       cuda)  # the defaults table (launch_defaults: one reason per row)
     c.update(_tuned(device, stage, dtype, dp))  # lors-fast tune-kernels / packaged tables
-    c.update(CONFIG_OVERRIDE.get(stage, {}))
-    c.update(CONFIG_OVERRIDE.get((stage, str(dtype).replace("torch.", "")), {}))
+    c.update(_opts().config_for(stage, str(dtype).replace("torch.", "")))
     if c.get("WD") and dp > WD_MAX_DP:  # the resident row block would not fit: K-loop layout, same tiles
         c["WD"] = False
     c["BK"] = min(c["BK"], dp)
@@ -222,7 +145,7 @@ def _flags(dtype, prec):
         return True, "ieee", tl.float64
     if dtype == torch.float32:
         return True, prec, tl.float32
-    if _interpreting() and not _INTERPRET_NATIVE_16BIT:
+    if _interpreting() and not _opts().interpret_native_16bit:
         # bf16/fp16 arithmetic in the interpreter is unreliable: upcast everything (tests can opt out to
         # run the GPU code path, where GEMM operands stay 16-bit)
         return True, "ieee", tl.float32
@@ -231,26 +154,16 @@ def _flags(dtype, prec):
 
 def _lr_prec(dtype, prec="ieee"):
     """Precision of the rank-r target tiles: exact ("ieee") whenever the main GEMMs are exact, else
-    LOWRANK_PRECISION or, when that is None, "tf32" (an fp32 FMA dot of K = 16 would cost ~40 % of a bf16
+    options' lowrank_precision or, when that is None, "tf32" (an fp32 FMA dot of K = 16 would cost ~40 % of a bf16
     d = 512 tile; TF32's 2⁻¹¹ relative error on S is below the bf16 error of Z)."""
     if dtype == torch.float64 or _interpreting() or prec == "ieee":
         return "ieee"
-    return LOWRANK_PRECISION or "tf32"
-
-
-def _rp(r: int) -> int:
-    return max(16, _pow2(r))
+    return _opts().lowrank_precision or "tf32"
 
 
 def _launch_kw(cfg):
     """Launch keywords and the layout constexprs every kernel but the count kernel takes."""
     return dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, WD=cfg.WD, DP=cfg.DP, FLAT=cfg.FLAT)
-
-
-def _scalar(x, dtype, device):
-    if x is None:
-        return torch.zeros((), dtype=dtype, device=device)
-    return x.detach().reshape(()).to(dtype=dtype, device=device).contiguous()
 
 
 class _Ctx:
@@ -271,7 +184,7 @@ class _Ctx:
         import triton.language as tl
 
         self.LDT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(U.dtype, self.ACC)
-        self.LR16 = bool(LOWRANK_16BIT and not self.upcast)
+        self.LR16 = bool(_opts().experimental_lowrank_16bit and not self.upcast)
 
     def cfg(self, stage, pair=False):
         return _config(stage + "_pair" if pair else stage, self.D, self.dtype, self.device)
@@ -304,6 +217,15 @@ def _guard(device):
 
 # ----------------------------------------------------------------------------------------------- LSE
 def _lse_forward(c: _Ctx):
+    from lors_fast.ops import strip
+
+    if strip.choose(c, "lse", lambda: strip.gpu_timer(lambda: _lse_fused_forward(c),
+                                                      lambda: strip.lse_forward(c))) == "strip":
+        return strip.lse_forward(c)
+    return _lse_fused_forward(c)
+
+
+def _lse_fused_forward(c: _Ctx):
     K = _kernels()
     cfg = c.cfg("fwd")
     nbm = triton_cdiv(c.M, cfg.BM)
@@ -311,7 +233,7 @@ def _lse_forward(c: _Ctx):
     d = c.dummy()
     kw = dict(KIND=0, TGT=0, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, RP=16, UPCAST=c.upcast, PREC=c.prec,
               LR_PREC=c.lr_prec, ACC=c.ACC, LDT=c.LDT, LR16=c.LR16, **_launch_kw(cfg))
-    if not FWD_FUSED_COLUMNS:
+    if not _opts().fwd_fused_columns:
         lc = torch.empty(c.N, dtype=c.acc, device=c.device)
         with _guard(c.device):
             K._fwd_kernel[(nbm,)](c.U, c.V, c.M, c.N, c.D, c.s, c.b, d, d, d, 1, d, lr, d, d,
@@ -334,10 +256,14 @@ def triton_cdiv(a, b):
 
 def _lse_backward(c: _Ctx, lr, lc, glr, glc):
     """(dU, dV, ds, db) of ⟨glr, lse_row⟩ + ⟨glc, lse_col⟩."""
+    from lors_fast.ops import strip
+
     K = _kernels()
     cfg = c.cfg("bwd")
     glr = glr.detach().to(c.acc).contiguous()
     glc = glc.detach().to(c.acc).contiguous()
+    if strip.choose(c, "lse") == "strip":
+        return strip.backward(c, 0, lse=(lr.detach().contiguous(), lc.detach().contiguous(), glr, glc))[:4]
     if cfg.STRIP:
         return _backward_strips(c, cfg, 0, lse=(lr, lc, glr, glc))[:4]
     d = c.dummy()
@@ -406,12 +332,17 @@ def _backward_strips(c: _Ctx, cfg, kind: int, lse=None, target=None, w=None, g=N
 
 def _lse_double(c: _Ctx, lr, lc, glr, glc, Ub, Vb, sbar, bbar):
     """Grads of F = ⟨Ū, dU⟩ + ⟨V̄, dV⟩ + s̄·ds + b̄·db w.r.t. (U, V, s, b, glr, glc)."""
+    from lors_fast.ops import strip
+
     K = _kernels()
     cfg = c.cfg("dbl")
     pcfg = c.cfg("pre")
     d = c.dummy()
     glr = glr.detach().to(c.acc).contiguous()
     glc = glc.detach().to(c.acc).contiguous()
+    if strip.choose(c, "lse") == "strip":
+        return strip.double(c, 0, Ub, Vb, sbar, bbar, lse=(lr.detach().contiguous(), lc.detach().contiguous(),
+                                                           glr, glc))
     Ub = Ub.detach().to(c.dtype).contiguous()
     Vb = Vb.detach().to(c.dtype).contiguous()
     sb = _scalar(sbar, c.acc, c.device)
@@ -424,7 +355,8 @@ def _lse_double(c: _Ctx, lr, lc, glr, glc, Ub, Vb, sbar, bbar):
     gV = torch.empty_like(c.V)
     nbm, nbn, nd, ps, pb, common = c.pass_setup(cfg)
     pbm = triton_cdiv(c.M, pcfg.BM)
-    fused = DBL_FUSED_PRE and pbm * c.N * 4 <= DBL_FUSED_PRE_MAX_BYTES
+    o = _opts()
+    fused = o.dbl_fused_pre and pbm * c.N * 4 <= o.dbl_fused_pre_max_bytes
     with _guard(c.device):
         if fused:  # ρ and κ in one row pass; κ from per-row-block partials
             cp = torch.empty(pbm, c.N, dtype=c.acc, device=c.device)
@@ -445,17 +377,17 @@ def _lse_double(c: _Ctx, lr, lc, glr, glc, Ub, Vb, sbar, bbar):
 
 
 # ------------------------------------------------------------------------------------------ pairsum
-def _lowrank_parts(target, c: _Ctx):
-    """(TGT, a, Lc, R, r) as accumulation-dtype contiguous tensors (dummies for the identity)."""
-    if target is None:
-        d = c.dummy()
-        return 0, d, d, d, 1
-    _, a, lc, r_ = target
-    cv = lambda t: t.detach().to(device=c.device, dtype=c.acc).contiguous()  # noqa: E731
-    return 1, cv(a), cv(lc), cv(r_), lc.shape[1]
-
-
 def _pair_forward(c: _Ctx, kind, target, w):
+    from lors_fast.ops import strip
+
+    if strip.choose(c, "pair", lambda: strip.gpu_timer(lambda: _pair_fused_forward(c, kind, target, w),
+                                                       lambda: strip.pair_forward(c, _KINDS[kind], target, w))
+                    ) == "strip":
+        return strip.pair_forward(c, _KINDS[kind], target, w)
+    return _pair_fused_forward(c, kind, target, w)
+
+
+def _pair_fused_forward(c: _Ctx, kind, target, w):
     K = _kernels()
     cfg = c.cfg("fwd", pair=True)
     tgt, a, lc, r_, r = _lowrank_parts(target, c)
@@ -472,6 +404,10 @@ def _pair_forward(c: _Ctx, kind, target, w):
 
 def _pair_backward(c: _Ctx, kind, target, w, g):
     """(dU, dV, ds, db, da, dLc, dR) of g·Σφ."""
+    from lors_fast.ops import strip
+
+    if strip.choose(c, "pair") == "strip":
+        return strip.backward(c, _KINDS[kind], target=target, w=w, g=g)
     K = _kernels()
     cfg = c.cfg("bwd", pair=True)
     if cfg.STRIP:
@@ -499,6 +435,11 @@ def _pair_backward(c: _Ctx, kind, target, w, g):
 
 
 def _pair_double(c: _Ctx, kind, target, w, g, Ub, Vb, sbar, bbar, abar, Lbar, Rbar):
+    from lors_fast.ops import strip
+
+    if strip.choose(c, "pair") == "strip":
+        return strip.double(c, _KINDS[kind], Ub, Vb, sbar, bbar, target=target, w=w, g=g,
+                            tbar=(abar, Lbar, Rbar))
     K = _kernels()
     cfg = c.cfg("dbl", pair=True)
     tgt, a, lc, r_, r = _lowrank_parts(target, c)

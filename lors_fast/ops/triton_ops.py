@@ -244,7 +244,7 @@ def _weights(kind, npos, nneg, device, acc) -> Tensor:
 # ------------------------------------------------------------------------------------------ public
 class TritonPrimitives:
     """Fused Triton primitives (maths in triton_backend / triton_kernels). ``fp32_precision``: ``tl.dot`` input
-    precision for fp32 inputs ("ieee" | "tf32" | "tf32x3"; None → ``triton_backend.FP32_PRECISION``)."""
+    precision for fp32 inputs ("ieee" | "tf32" | "tf32x3"; None → the ``fp32_precision`` of :mod:`lors_fast.ops.options`)."""
 
     name = "triton"
 
@@ -254,7 +254,9 @@ class TritonPrimitives:
         self.fp32_precision = fp32_precision
 
     def _prec(self):
-        return self.fp32_precision or tb.FP32_PRECISION
+        from lors_fast.ops.options import current
+
+        return self.fp32_precision or current().fp32_precision
 
     @staticmethod
     def _scalar_arg(x, like):

@@ -8,7 +8,7 @@ Where `triton_backend._config` gets a config (later wins):
    project's GPUs; absent until there are some);
 3. the user table: ``$LORS_FAST_TRITON_CONFIGS``, default ``~/.cache/lors_fast/triton_configs.json``, written by
    ``lors-fast tune-kernels`` (:func:`tune` + :func:`save`);
-4. ``triton_backend.CONFIG_OVERRIDE`` (benchmarks, tests).
+4. ``lors_fast.ops.options.override(configs=...)`` (benchmarks, tests).
 
 A table is JSON: ``{"version": 1, "devices": {"<torch.cuda.get_device_name>": {"<stage>|<dtype>|<DP>":
 {"config": {...}, "ms": ..., "n": ..., "triton": ..., "date": ...}}}}`` with stage one of :data:`STAGES`, dtype
@@ -149,21 +149,17 @@ def _warm(job):
     """One candidate's workload at a tiny size, in a worker process: it compiles the kernels (the same
     specialisations as at full size: M, N are not specialised, d is the same) into Triton's on-disk cache."""
     stage, cfg, dname, d, n, device = job
-    from lors_fast.ops import triton_backend as tb
+    from lors_fast.ops.options import override
 
     t0 = time.time()
-    key = (stage, dname)
     try:
-        if cfg:
-            tb.CONFIG_OVERRIDE[key] = dict(cfg)
-        _workload(stage, n, d, getattr(torch, dname), torch.device(device))()
+        with override(configs={(stage, dname): dict(cfg or {})}):
+            _workload(stage, n, d, getattr(torch, dname), torch.device(device))()
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
         return dict(stage=stage, config=cfg or "default", s=time.time() - t0)
     except Exception as e:  # noqa: BLE001 - reported, the timing run records the failure again
         return dict(stage=stage, config=cfg or "default", s=time.time() - t0, error=f"{type(e).__name__}: {e}"[:300])
-    finally:
-        tb.CONFIG_OVERRIDE.pop(key, None)
 
 
 def precompile(device="cuda", dtype=torch.bfloat16, d: int = 512, stages=None, candidates=None,
@@ -205,13 +201,13 @@ def tune(device="cuda", dtype=torch.bfloat16, d: int = 512, n: int = 16384, stag
          budget_s: float | None = None, rep_ms: int = 30, margin: float = 0.03, log=None) -> dict:
     """Time each candidate config of each stage (forward / backward / double backward of the LSE and pair
     kernels) on ``n`` × ``d`` inputs of ``dtype`` and keep the fastest per stage. Stages run in the order of
-    ``stages`` (default: :data:`STAGES`); each stage's winner stays applied (CONFIG_OVERRIDE) while the later
-    ones are timed, and all are removed at the end. ``budget_s``: stop starting new candidates after that
+    ``stages`` (default: :data:`STAGES`); each stage's winner stays applied (an options override) while the
+    later ones are timed; nothing stays applied afterwards. ``budget_s``: stop starting new candidates after that
     many seconds. A candidate replaces the stage's default only when it is faster by more than ``margin``
     (timing noise must not move the defaults). Returns ``{"device", "entries": [{"stage", "key", "config", "ms",
     "table", ...}]}`` for :func:`save`; a candidate that fails (compile error, out of memory) is recorded and
     skipped."""
-    from lors_fast.ops import triton_backend as tb
+    from lors_fast.ops.options import override
 
     log = log or (lambda *a: None)
     device = torch.device(device)
@@ -227,47 +223,39 @@ def tune(device="cuda", dtype=torch.bfloat16, d: int = 512, n: int = 16384, stag
     t0 = time.time()
     dname = str(dtype).replace("torch.", "")
     dp = max(16, 1 << max(0, (d - 1).bit_length()))
-    saved = dict(tb.CONFIG_OVERRIDE)
     entries = []
-    try:
-        for stage in stages:
-            key = (stage, dname)
-            run = _workload(stage, n, d, dtype, device)
-            table = []
-            for cfg in cands.get(stage, [None]):
-                if budget_s is not None and time.time() - t0 > budget_s:
-                    log(f"tune {stage}: time budget spent, skipping the rest")
-                    break
-                if cfg is None:
-                    tb.CONFIG_OVERRIDE.pop(key, None)
-                else:
-                    tb.CONFIG_OVERRIDE[key] = dict(cfg)
-                shown = "default" if cfg is None else cfg
-                try:
+    won: dict = {}  # the winners so far, applied while the later stages are timed
+    for stage in stages:
+        key = (stage, dname)
+        run = _workload(stage, n, d, dtype, device)
+        table = []
+        for cfg in cands.get(stage, [None]):
+            if budget_s is not None and time.time() - t0 > budget_s:
+                log(f"tune {stage}: time budget spent, skipping the rest")
+                break
+            shown = "default" if cfg is None else cfg
+            try:
+                with override(configs={**won, key: dict(cfg or {})}):
                     run()  # compile
                     ms = _time_ms(run, device, rep_ms)
-                    table.append(dict(config=shown, ms=ms))
-                    log(f"tune {stage} {shown}: {ms:.3f} ms")
-                except Exception as e:  # noqa: BLE001 - a failing candidate is data, not a crash
-                    table.append(dict(config=shown, error=f"{type(e).__name__}: {str(e)[:300]}"))
-                    log(f"tune {stage} {shown}: {type(e).__name__}: {str(e)[:200]}")
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-            timed = [t for t in table if "ms" in t]
-            tb.CONFIG_OVERRIDE.pop(key, None)
-            if not timed:
-                continue
-            best = min(timed, key=lambda t: t["ms"])
-            default = next((t for t in timed if t["config"] == "default"), None)
-            if default is not None and best["ms"] > default["ms"] * (1.0 - margin):
-                best = default
-            cfg = {} if best["config"] == "default" else dict(best["config"])
-            if cfg:
-                tb.CONFIG_OVERRIDE[key] = dict(cfg)
-            entries.append(dict(stage=stage, key=_entry_key(stage, dtype, dp), config=cfg, ms=best["ms"], n=n,
-                                d=d, triton=triton.__version__, table=table,
-                                date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())))
-    finally:
-        tb.CONFIG_OVERRIDE.clear()
-        tb.CONFIG_OVERRIDE.update(saved)
+                table.append(dict(config=shown, ms=ms))
+                log(f"tune {stage} {shown}: {ms:.3f} ms")
+            except Exception as e:  # noqa: BLE001 - a failing candidate is data, not a crash
+                table.append(dict(config=shown, error=f"{type(e).__name__}: {str(e)[:300]}"))
+                log(f"tune {stage} {shown}: {type(e).__name__}: {str(e)[:200]}")
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        timed = [t for t in table if "ms" in t]
+        if not timed:
+            continue
+        best = min(timed, key=lambda t: t["ms"])
+        default = next((t for t in timed if t["config"] == "default"), None)
+        if default is not None and best["ms"] > default["ms"] * (1.0 - margin):
+            best = default
+        cfg = {} if best["config"] == "default" else dict(best["config"])
+        if cfg:
+            won[key] = dict(cfg)
+        entries.append(dict(stage=stage, key=_entry_key(stage, dtype, dp), config=cfg, ms=best["ms"], n=n,
+                            d=d, triton=triton.__version__, table=table,
+                            date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())))
     return dict(device=device_key(device), dtype=dname, d=d, n=n, entries=entries)

@@ -8,7 +8,7 @@ Where `triton_backend._config` gets a config (later wins):
    project's GPUs; absent until there are some);
 3. the user table: ``$LORS_FAST_TRITON_CONFIGS``, default ``~/.cache/lors_fast/triton_configs.json``, written by
    ``lors-fast tune-kernels`` (:func:`tune` + :func:`save`);
-4. ``triton_backend.CONFIG_OVERRIDE`` (benchmarks, tests).
+4. ``lors_fast.ops.options.override(configs=...)`` (benchmarks, tests).
 
 A table is JSON: ``{"version": 1, "devices": {"<torch.cuda.get_device_name>": {"<stage>|<dtype>|<DP>":
 {"config": {...}, "ms": ..., "n": ..., "triton": ..., "date": ...}}}}`` with stage one of :data:`STAGES`, dtype
@@ -32,7 +32,7 @@ __all__ = ["CONFIG_KEYS", "ENV", "PACKAGED", "VERSION", "device_key", "load_tabl
 VERSION = 1
 PACKAGED = Path(__file__).with_name("tuned_configs.json")
 ENV = "LORS_FAST_TRITON_CONFIGS"
-CONFIG_KEYS = ("BM", "BN", "BK", "BDO", "num_warps", "num_stages", "WD", "FLAT", "QFAST", "STRIP")
+CONFIG_KEYS = ("BM", "BN", "BK", "BDO", "num_warps", "num_stages", "WD", "FLAT", "QFAST", "STRIP", "PATH")
 
 _CACHE: dict = {}
 

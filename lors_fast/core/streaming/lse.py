@@ -81,7 +81,7 @@ class _LseGrad(torch.autograd.Function):
         dU = torch.zeros_like(U) if need[0] else None
         dV = torch.zeros_like(V) if need[1] else None
         ds = torch.zeros_like(s) if need[2] else None
-        sval = float(s.detach())
+        sd = s.detach()  # a tensor factor: no host read
         if need[0] or need[1] or need[2]:
             for k0, k1 in _lse_chunks(spec):
                 Uk = U[k0:k1]
@@ -92,11 +92,11 @@ class _LseGrad(torch.autograd.Function):
                 if need[0] or need[2]:
                     GV = torch.mm(G, V)
                     if need[0]:
-                        dU[k0:k1] = GV * sval
+                        dU[k0:k1] = GV * sd
                     if need[2]:
                         ds += torch.dot(GV.reshape(-1), Uk.reshape(-1))
                 if need[1]:
-                    dV.addmm_(G.T, Uk, alpha=sval)
+                    dV.addmm_(G.T, Uk * sd)
                 del G
         db = (gr.sum() + gc.sum()) if need[3] else None
         return dU, dV, ds, db

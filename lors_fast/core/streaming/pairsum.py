@@ -75,7 +75,7 @@ def _pair_first_grads(spec: _PairSpec, inputs, need):
     i_t = 4 if spec.has_bias else 3
     need_z = need[0] or need[1] or need[2] or (i_b is not None and need[i_b])
     need_h = any(need[i_t:])
-    sval = float(s.detach())
+    sd = s.detach()  # a tensor factor: no host read
     total = None
     for k0, k1 in _pair_chunks(spec):
         Uk = U[k0:k1]
@@ -91,9 +91,9 @@ def _pair_first_grads(spec: _PairSpec, inputs, need):
         if G is not None:
             GV = torch.mm(G, V)
             if need[0]:
-                acc[0][k0:k1] = GV * (gm * sval)
+                acc[0][k0:k1] = GV * (gm * sd)
             if need[1]:
-                acc[1].addmm_(G.T, Uk, alpha=gm * sval)
+                acc[1].addmm_(G.T, Uk * (gm * sd))
             if need[2]:
                 acc[2] += gm * torch.dot(GV.reshape(-1), Uk.reshape(-1))
             if i_b is not None and need[i_b]:
@@ -226,9 +226,9 @@ def _pair_hvp(spec: _PairSpec, gout, inputs, cot, need, need_in):
                 g += (G @ V) * cs
             acc[0][k0:k1] += g
         if need_in[1]:
-            acc[1].addmm_(dZ.T, Uk, alpha=float(sd))
+            acc[1].addmm_(dZ.T, Uk * sd)
             if cU is not None:
-                acc[1].addmm_(G.T, cU[k0:k1], alpha=float(sd))
+                acc[1].addmm_(G.T, cU[k0:k1] * sd)
             if cs is not None:
                 acc[1].add_((G.T @ Uk) * cs)
         if need_in[2]:
