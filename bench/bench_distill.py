@@ -7,7 +7,7 @@ caption embeddings (MiniLM itself is not needed to time the engine).
 * ``ours``: :class:`lors_fast.engine.distill.Distiller` ``step()`` (TESLA, O(P) memory, model built once,
   experts in memory); ``ours+ckpt``: the same with torch activation checkpointing; ``ours+chunk``:
   pass 2 with the image branch in micro-batches of 6 (``DistillConfig.chunk``).
-* ``reference``: the reference's structure (LORS_SPEC §1.2, §10): the student is rebuilt and the
+* ``reference``: the reference's structure (docs/LORS_NOTES.md §1.2, §10): the student is rebuilt and the
   expert file is read every iteration, θ_0..θ_K are stored, ``autograd.grad(create_graph=True)`` in both
   passes (two calls in pass 1), then the same SGD step.
 

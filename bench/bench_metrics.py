@@ -1,6 +1,6 @@
 """Retrieval metrics at COCO test size: lors_fast.retrieval_metrics vs the reference's pipeline.
 
-The oracle below is our own re-implementation of the reference's evaluation (LORS_SPEC §5.2–5.3):
+The oracle below is our own re-implementation of the reference's evaluation (docs/LORS_NOTES.md §5.2–5.3):
 the full similarity matrix, each row's top-128 kept and the rest filled with −100, then for every row
 a full argsort (descending) and the position of the ground truth. numpy's argsort is run with
 ``kind="stable"`` so that ties have a defined order (the reference's default sort leaves it

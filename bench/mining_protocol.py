@@ -33,7 +33,7 @@ VARIANTS: dict[str, dict] = {
     "caption-adam": {"sim_init": "caption", "sim_optimizer": "adam", "lr_sim": 0.002},
     # S initialised from the captions, SGD as the default
     "caption-init": {"sim_init": "caption"},
-    # the paper's student: wBCE, unconstrained S, lr_sim 10, alpha 3 (LORS_SPEC §7, flickr-100)
+    # the paper's student: wBCE, unconstrained S, lr_sim 10, alpha 3 (docs/LORS_NOTES.md §7, flickr-100)
     "wbce-paper": {"loss": "wbce", "sim_constraint": "none", "lr_sim": 10.0, "alpha": 3.0},
 }
 

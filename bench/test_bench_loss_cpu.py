@@ -9,7 +9,7 @@ Timing: ``pytest bench --benchmark-only`` times each case in-process with pytest
 default; N = 4096 and 8192 with ``--bench-full``); the peak memory of one call is measured in the same process
 (bench/conftest.py: VmHWM of /proc/self/status, reset through /proc/self/clear_refs after the inputs exist, so
 the number is the increase of the peak resident set caused by the loss alone), and TFLOP/s follow the FLOP
-model 2·N²·(d+r) for the forward and 8·N²·(d+r) for forward+backward (KERNELS.md; none for the double
+model 2·N²·(d+r) for the forward and 8·N²·(d+r) for forward+backward (docs/KERNELS_MATHS.md; none for the double
 backward). All go into ``benchmark.extra_info`` and the terminal table. The report below measures memory in a
 fresh subprocess per case (this file run as a worker).
 

@@ -4,7 +4,7 @@
 
 Each case times forward+backward (``torch.autograd.grad`` w.r.t. every input) with ``triton.testing.do_bench``
 inside ``benchmark.pedantic`` (one round = one do_bench median), and records median/p20/p80 ms, TFLOP/s by
-the FLOP model 8·N²·(d+r) (KERNELS.md) and peak memory in ``benchmark.extra_info``. Providers: triton,
+the FLOP model 8·N²·(d+r) (docs/KERNELS_MATHS.md) and peak memory in ``benchmark.extra_info``. Providers: triton,
 streaming (our chunked torch path), reference (eager, materialised), compile (torch.compile of the
 reference), and, for the symmetric hard-label
 CLIP loss only (kind infonce, identity target), infcl (Inf-CL, ``inf_cl.cal_flash_loss`` both ways, averaged)

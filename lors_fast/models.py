@@ -9,7 +9,7 @@
 
 Randomness. The only stochastic layer in our students is the "projection" head's Dropout (the
 reference's p = 0.1). Dropout draws from the global torch RNG of the input's device, so a caller that
-must replay a forward exactly (TESLA's recomputation pass, LORS_SPEC §10) has two options:
+must replay a forward exactly (TESLA's recomputation pass, docs/LORS_NOTES.md §10) has two options:
 ``StudentSpec(head_dropout=0.0)`` (deterministic head), or run both passes of a step under
 ``with seeded(step_seed, device): ...`` (forks and seeds the RNG, restoring it afterwards), or call
 ``FlatModel.eval()`` (dropout off). ConvNet, Linear head, timm NF-nets have no randomness or buffers.

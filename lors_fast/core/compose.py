@@ -1,7 +1,7 @@
 """Every loss kind, written once over the pairwise primitives of a backend (docs/DESIGN.md).
 
 With Z = s·U·Vᵀ + b and a target S (identity, low-rank diag(a) + c·L·Rᵀ, or dense), the terms that are
-linear in S never need an N×N pass (KERNELS.md, "low-rank algebra"):
+linear in S never need an N×N pass (docs/KERNELS_MATHS.md §5, "low-rank algebra"):
 
     rs = S·1,  cs = Sᵀ·1,  Σ_ij S_ij Z_ij = s·[Σ_i a_i U_i·V_i + ⟨(cL)ᵀU, RᵀV⟩_F] + b·Σ_ij S_ij
 

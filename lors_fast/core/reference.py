@@ -2,7 +2,7 @@
 
 This is the specification and the test oracle of the fast paths (streaming, Triton), and the benchmark
 baseline. Semantics are those of the LoRS reference ``MultilabelContrastiveLoss`` (silicx/LoRS_Distill,
-LORS_SPEC §2.3; KERNELS.md), with its epsilons and clamps:
+docs/LORS_NOTES.md §2.3; docs/KERNELS_MATHS.md), with its epsilons and clamps:
 
 Z = s·U·Vᵀ + b (rows: images, columns: texts), target S (identity when None), N = batch size.
 

@@ -4,7 +4,7 @@ Sources (``load_split``):
 
 * ``"synthetic"`` — the embedded default (:mod:`lors_fast.data.synthetic`), rendered in memory.
 * ``"synthetic-mm"`` — its many-to-many variant (three objects per image, captions naming only part of it).
-* ``"flickr"`` / ``"coco"`` — Karpathy-split JSONs as the reference uses them (LORS_SPEC §6): the train
+* ``"flickr"`` / ``"coco"`` — Karpathy-split JSONs as the reference uses them (docs/LORS_NOTES.md §6): the train
   file has one entry per caption ``{"image", "caption", "image_id"}``; val/test files one entry per
   image ``{"image", "caption": [5 (or 6) strings]}``; image paths are relative to ``root``. Images are
   decoded and resized once (the reference's test transform: bicubic resize to ``image_size`` square, no

@@ -1,6 +1,6 @@
 """Import distilled sets: the reference's ``distilled_*.pt`` and our own ``.safetensors`` checkpoints.
 
-The reference (LORS_SPEC §1.4) saves, with ``torch.save``, a dict of CPU tensors:
+The reference (docs/LORS_NOTES.md §1.4) saves, with ``torch.save``, a dict of CPU tensors:
 ``image`` (N, 3, H, W) normalised pixels, ``text`` (N, D) text embeddings, ``similarity_params`` — a list
 ``[a (N,), L (N, r), R (N, r)]`` (low-rank) or ``[S (N, N)]`` (full) —, ``similarity_mat`` (N, N) = S
 materialised, and ``syn_lr_img`` / ``syn_lr_txt`` (0-dim). It is read with ``torch.load(weights_only=True)``

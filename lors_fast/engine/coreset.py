@@ -178,7 +178,7 @@ class CoresetConfig:
     method: str = "random"
     n: int = 100
     seed: int = 0  # subset seed (random / forgetting ties and captions)
-    lr: float = 0.03  # fixed lr of both branches (CALIBRATION.md: random-100 is insensitive in 0.01–0.1)
+    lr: float = 0.03  # fixed lr of both branches (docs/LORS_NOTES.md "Calibration": random-100 is insensitive in 0.01–0.1)
     dataset: str = "synthetic"
     buffer: str | None = None  # trajectory store root: forgetting events (and the student spec, if present)
     data_root: str | None = None

@@ -1,4 +1,4 @@
-"""`lors-fast distill`: LoRS trajectory matching with low-rank similarity mining (LORS_SPEC §1–2).
+"""`lors-fast distill`: LoRS trajectory matching with low-rank similarity mining (docs/LORS_NOTES.md §1–2).
 
 :func:`run` takes a :class:`~lors_fast.engine.distill_config.DistillConfig` and returns a :class:`DistillResult`
 (the final :class:`DistilledSet` and the per-iteration metrics). One iteration: pick the next expert
@@ -7,7 +7,7 @@ plan (minibatch indices + dropout seeds), compute the TESLA (or exact MTT) gradi
 loss (:mod:`lors_fast.engine.tesla`), and take one SGD-with-momentum step on four groups (images, texts,
 the two student lrs, the similarity factors), with optional per-group gradient-norm clipping and lr clamp.
 
-Differences from the reference, on purpose (LORS_SPEC §10): the student is built once; experts stay in
+Differences from the reference, on purpose (docs/LORS_NOTES.md §10): the student is built once; experts stay in
 memory (or single snapshots are read per iteration, ``expert_cache="disk"``); image and text
 trajectories come from one expert file, so they are paired; the device is honoured; no wandb; dropout is
 replayed exactly; resume restores the optimiser momentum and every RNG, so it continues bit-exactly.

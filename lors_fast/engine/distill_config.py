@@ -4,10 +4,10 @@ Precedence: dataclass defaults < preset < TOML file < explicit overrides (CLI). 
 up front by :meth:`DistillConfig.validate` (called from ``__post_init__``), which collects all errors and
 names the offending options.
 
-Presets (LORS_SPEC §7): ``flickr-100``, ``flickr-200``, ``flickr-500``, ``coco-100``, ``coco-200``,
+Presets (docs/LORS_NOTES.md §7): ``flickr-100``, ``flickr-200``, ``flickr-500``, ``coco-100``, ``coco-200``,
 ``coco-500`` reproduce the paper's scripts (wBCE student against learned low-rank S, lrs as in the shell
 scripts); ``default`` is the embedded CPU default (synthetic dataset). Its recipe departs from the paper
-where CALIBRATION.md found the paper's recipe to fail on this data: the student loss is soft-target
+where docs/LORS_NOTES.md "Calibration" found the paper's recipe to fail on this data: the student loss is soft-target
 InfoNCE (the experts' loss family) with the learned S as target, initial student lrs 0.03, pixel lr 100,
 text lr 0.5 (unit-norm 384-d MiniLM embeddings), lr_lr 1e-3, lr_sim 0.3, the student lrs clamped at
 ≥ 1e-4 (a negative lr is meaningless), per-group gradient-norm clipping (``clip_grad``) and S kept
@@ -349,7 +349,7 @@ _PAPER_COMMON = dict(
     similarity="lowrank", loss="wbce", init_lr_img=0.1, init_lr_txt=0.1, syn_steps=8,
     expert_epochs=1, lr_lr=1e-2, iterations=3000, momentum_syn=0.5, momentum_lr=0.5, momentum_sim=0.5,
 )
-# LORS_SPEC §7 table: (dataset, N, max_start_epoch, lr_img=lr_txt, lr_sim, rank, alpha, mini_batch, merge, T, iters)
+# docs/LORS_NOTES.md §7 table: (dataset, N, max_start_epoch, lr_img=lr_txt, lr_sim, rank, alpha, mini_batch, merge, T, iters)
 _PAPER = {
     "flickr-100": ("flickr", 99, 2, 100.0, 10.0, 10, 3.0, 20, False, 0.07, 3000),
     "flickr-200": ("flickr", 199, 2, 1000.0, 10.0, 5, 1.0, 20, False, 0.07, 3000),

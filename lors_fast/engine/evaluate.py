@@ -5,7 +5,7 @@ A FRESH student (:func:`lors_fast.models.build_student`) is trained on the N pai
 the midpoint), the learned similarity as soft target of the run's loss kind, then image→text and
 text→image retrieval is measured on the test split (:func:`lors_fast.engine.metrics.retrieval_metrics`).
 
-Differences from the reference (LORS_SPEC §5.1, §10), on purpose:
+Differences from the reference (docs/LORS_NOTES.md §5.1, §10), on purpose:
 
 * minibatches are drawn WITHOUT replacement within an epoch (a permutation split into
   ceil(N/B) near-equal batches), not as independent random subsets;

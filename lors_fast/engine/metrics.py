@@ -1,7 +1,7 @@
 """Image–text retrieval metrics (R@1/5/10 in both directions), chunked and exact.
 
 ``retrieval_metrics(image_embeds, text_embeds, txt2img, img2txt)`` returns the reference's keys
-(LORS_SPEC §5.2–5.3): ``txt_r1, txt_r5, txt_r10`` for image→text retrieval (an image is a hit at K
+(docs/LORS_NOTES.md §5.2–5.3): ``txt_r1, txt_r5, txt_r10`` for image→text retrieval (an image is a hit at K
 when one of its captions is among its K best-scored captions), ``img_r1, img_r5, img_r10`` for
 text→image retrieval, their means ``txt_r_mean`` / ``img_r_mean`` and ``r_mean`` (mean of the two), all
 in percent. Scores are plain dot products ``image_embeds @ text_embeds.T`` (the inputs are meant to be

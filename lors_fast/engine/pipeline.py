@@ -75,7 +75,7 @@ class MainJobConfig:
 
 #: the evaluation protocol of the main job (EvalConfig overrides); see lors_fast.engine.evaluate
 EVAL_DEFAULTS = dict(epochs=80, batch_size=128, eval_every=10, loss="infonce", runs=3)
-#: fixed lr of the random-subset baseline (CALIBRATION.md: insensitive in 0.01-0.1 on this data)
+#: fixed lr of the random-subset baseline (docs/LORS_NOTES.md "Calibration": insensitive in 0.01-0.1 on this data)
 RANDOM_LR = 0.03
 
 

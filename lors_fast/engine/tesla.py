@@ -1,7 +1,7 @@
 """The gradient maths of one distillation iteration: TESLA (O(P) memory), exact MTT, and the reference.
 
 One iteration unrolls the student K steps from an expert snapshot θ₀ on minibatches of the synthetic set
-(images X, text embeddings Y, similarity S) and matches θ_K to the expert's later snapshot θ* (LORS_SPEC
+(images X, text embeddings Y, similarity S) and matches θ_K to the expert's later snapshot θ* (docs/LORS_NOTES.md
 §1.2–1.3). Per branch b ∈ {img, txt}: θ_{i+1} = θ_i − η_b·g_i, G = Σ g_i, D = ‖θ₀ − θ*‖².
 
 * :func:`tesla_iteration` — the TESLA gradient, c_b = η_b(θ*−θ₀) + η_b²·G_b (single + square term),
@@ -237,7 +237,7 @@ class Plan:
 
 
 def make_plan(n: int, batch: int, steps: int, generator: torch.Generator, device="cpu") -> Plan:
-    """Reference sampling (LORS_SPEC §1.2 step 5): consecutive B-slices of a permutation of range(n);
+    """Reference sampling (docs/LORS_NOTES.md §1.2 step 5): consecutive B-slices of a permutation of range(n);
     a fresh permutation when fewer than B indices remain (the leftovers are skipped)."""
     if not 1 <= batch <= n:
         raise ValueError(f"mini_batch must be in [1, n_pairs={n}], got {batch}")
@@ -279,7 +279,7 @@ def _check_finite(value: torch.Tensor, what: str) -> None:
 
 
 def _match_terms(start, target, G, eta):
-    """(c_b, D_b, loss_b, dloss_b/dη_b) per branch, with η as floats and G constant (LORS_SPEC §1.2)."""
+    """(c_b, D_b, loss_b, dloss_b/dη_b) per branch, with η as floats and G constant (docs/LORS_NOTES.md §1.2)."""
     out = []
     for th0, ths, g, e in zip(start, target, G, eta):
         D = torch.sum((th0 - ths) ** 2)

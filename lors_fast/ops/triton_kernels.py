@@ -1,4 +1,4 @@
-"""Triton kernels of the fused pairwise primitives (maths: docs/KERNELS.md of the design notes).
+"""Triton kernels of the fused pairwise primitives (maths: docs/KERNELS_MATHS.md).
 
 Every kernel is a *row pass*: one program owns BM rows of Z = s·A·Bᵀ + b and walks over all column
 blocks, recomputing each tile (a GEMM over d in BK steps). The column pass of a primitive is the same

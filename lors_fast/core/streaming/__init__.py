@@ -9,7 +9,7 @@ Memory is O(chunk·N) at every order of differentiation. Three autograd building
 - ``_Lse`` / ``_LseGrad`` (``lse``, :mod:`.lse`): an online no-grad forward; a closed-form backward
   G = gr_i·softmax_row + gc_j·softmax_col with in-place tile arithmetic and accumulating GEMMs.
 - ``_PairSum`` / ``_PairSumGrad`` (``pairsum``, :mod:`.pairsum`): the forward also computes every first
-  derivative from the closed forms G = ∂φ/∂Z, H = ∂φ/∂S (KERNELS.md) in the same pass over the tiles, so the
+  derivative from the closed forms G = ∂φ/∂Z, H = ∂φ/∂S (docs/KERNELS_MATHS.md) in the same pass over the tiles, so the
   backward only scales them by the incoming cotangent (one pass in all instead of a forward pass plus a
   recomputing one).
 

@@ -3,7 +3,7 @@
 Σ_ij φ(Z_ij, S_ij), Z = s·U·Vᵀ + b, the target tile S[k, :] built per chunk (:mod:`.tiles`):
 
 - forward (``_PairSum``): also computes every first derivative from the closed forms G = ∂φ/∂Z,
-  H = ∂φ/∂S (KERNELS.md) in the same pass over the tiles (``_pair_first_grads``), so the backward
+  H = ∂φ/∂S (docs/KERNELS_MATHS.md) in the same pass over the tiles (``_pair_first_grads``), so the backward
   (``_PairSumGrad``) only scales them by the incoming cotangent (one pass in all instead of a forward pass
   plus a recomputing one);
 - double backward: closed form (``_pair_hvp``, from φ_ZZ, φ_ZS, φ_SS per kind, ``_phi_second``): with
@@ -164,7 +164,7 @@ def _phi_second(kind, Z, S, wpos, wneg):
 
 
 def _pair_hvp(spec: _PairSpec, gout, inputs, cot, need, need_in):
-    """Closed-form double backward of pairsum: ∂/∂inputs of gout·Σ_i ⟨cot_i, ∇_i Σφ⟩ (KERNELS.md).
+    """Closed-form double backward of pairsum: ∂/∂inputs of gout·Σ_i ⟨cot_i, ∇_i Σφ⟩ (docs/KERNELS_MATHS.md §8).
 
     With T = ⟨G, Wg⟩ + ⟨H, Wh⟩, Wg = s(Ū·Vᵀ + U·V̄ᵀ) + s̄·UVᵀ + b̄ and Wh = diag(ā) + L̄·Rᵀ + lc·R̄ᵀ (+ S̄):
     δZ = φ_ZZ·Wg + φ_ZS·Wh, δS = φ_ZS·Wg + φ_SS·Wh, then back through Z = s·UVᵀ + b and S."""
