@@ -187,7 +187,7 @@ distill.Distiller._window = window
 try:
     distill.run(load_config("default", **json.loads(sys.argv[1])))
 except distill.DistillDivergedError as e:
-    sys.stdout.write(f"caught: {e}\n")  # one write (< PIPE_BUF): the two ranks' lines never interleave
+    sys.stdout.write(f"caught: {e}\\n")  # one write (< PIPE_BUF): the two ranks' lines never interleave
     sys.stdout.flush()
     sys.exit(3)
 """

@@ -295,7 +295,7 @@ class Distiller:
                 sums = [sums[0] + res.loss_img, sums[1] + res.loss_txt, sums[2] + res.student_loss]
                 drift = max(drift, res.drift)
         except FloatingPointError as e:
-            error = f"iteration {it + 1}: {e}; {self._last_good()}"
+            error = f"iteration {it + 1}: {e}; the run diverged: lower the learning rates; {self._last_good()}"
         except ValueError as e:  # the loss refuses non-finite features: the synthetic set has blown up
             if "finite" not in str(e):
                 raise

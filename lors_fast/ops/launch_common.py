@@ -11,6 +11,7 @@ __all__ = ["_pow2", "_rp", "_scalar", "_lowrank_parts"]
 
 
 def _pow2(x: int) -> int:
+    """The smallest power of two >= x (1 for x <= 1)."""
     return 1 << max(0, math.ceil(math.log2(max(1, x))))
 
 

@@ -56,6 +56,7 @@ _STACK: list[BackendOptions] = [BackendOptions()]
 
 
 def current() -> BackendOptions:
+    """The backend options in force (the innermost :func:`override`, else the defaults)."""
     return _STACK[-1]
 
 

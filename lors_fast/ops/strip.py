@@ -66,6 +66,7 @@ _LAST: dict = {"path": None}
 
 
 def options() -> StripOptions:
+    """The strip-path options in force (the innermost :func:`override`, else the defaults)."""
     return _STACK[-1]
 
 
