@@ -1,20 +1,8 @@
 """Launch-config tuning of the fused kernels: time candidate configs per kernel stage on *this* GPU, keep the
 fastest, save them (:mod:`lors_fast.ops.tuned_tables`), and let the backend use them from then on.
 
-Where `triton_backend._config` gets a config (later wins):
-
-1. its built-in defaults (tuned on an H200: bench/RESULTS_GPU.md; pair-kind tiles from bench/RESULTS_AOT.md);
-2. the packaged table ``lors_fast/ops/tuned_configs.json`` (entries measured by ``bench/gpu_check.py`` on the
-   project's GPUs; absent until there are some);
-3. the user table: ``$LORS_FAST_TRITON_CONFIGS``, default ``~/.cache/lors_fast/triton_configs.json``, written by
-   ``lors-fast tune-kernels`` (:func:`tune` + :func:`save`);
-4. ``lors_fast.ops.options.override(configs=...)`` (benchmarks, tests).
-
-A table is JSON: ``{"version": 1, "devices": {"<torch.cuda.get_device_name>": {"<stage>|<dtype>|<DP>":
-{"config": {...}, "ms": ..., "n": ..., "triton": ..., "date": ...}}}}`` with stage one of :data:`STAGES`, dtype
-e.g. ``bfloat16`` and DP the feature dimension rounded up to a power of two. ``config`` holds the keys of a
-launch config (BM, BN, BK, BDO, num_warps, num_stages, WD, FLAT, QFAST, STRIP); ``{}`` records that the
-defaults won.
+Where the backend takes a config from (defaults < packaged table < user table < ``override``) and the tables'
+format: :mod:`lors_fast.ops.tuned_tables`. Candidates are timed per stage of :data:`STAGES`.
 """
 
 from __future__ import annotations
