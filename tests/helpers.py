@@ -9,6 +9,7 @@ printed even when the check passes.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 __all__ = ["assert_close_verbose", "SHOW"]
@@ -145,3 +146,13 @@ class LossCase:
             return self.loss(backend, dict(zip(names, xs)), **kw)
 
         return f
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is much faster than oversubscribed ones (and deterministic).
+    Autouse in every test module that imports it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -22,13 +22,7 @@ from lors_fast.engine.distill_config import PRESETS, DistillConfig, load_config 
 TEXT_DIM = 12
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster than oversubscribed ones (and deterministic)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from helpers import one_thread  # noqa: E402,F401  (autouse: one intra-op thread)
 
 
 def make_fixture(root: Path, n_experts: int = 2, epochs: int = 3):

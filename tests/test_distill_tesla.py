@@ -28,13 +28,7 @@ from lors_fast.models import FlatModel, StudentSpec, build_student  # noqa: E402
 N, B, K, D_TXT = 10, 4, 5, 6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster than oversubscribed ones (and deterministic)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from helpers import one_thread  # noqa: E402,F401  (autouse: one intra-op thread)
 
 
 def assert_close_rel(actual, expected, tol, tag):

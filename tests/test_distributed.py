@@ -28,12 +28,7 @@ TEXT_DIM = 16
 ENCODER = f"hash:{TEXT_DIM}"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from helpers import one_thread  # noqa: E402,F401  (autouse: one intra-op thread)
 
 
 def make_store(root: Path, n_experts: int = 3, epochs: int = 3) -> Path:

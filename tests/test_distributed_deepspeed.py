@@ -22,12 +22,7 @@ from lors_fast.models import FlatModel, StudentSpec, build_student  # noqa: E402
 N, B, K, D_TXT = 10, 4, 3, 6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from helpers import one_thread  # noqa: E402,F401  (autouse: one intra-op thread)
 
 
 def _iteration(checkpoint: str, ds_config=None, chunk=None):
