@@ -42,14 +42,21 @@ def _r_means(record: dict, name: str) -> list[float]:
     return [float(v) for v in record["run_r_mean"][name]]
 
 
-def run_cell(dataset: str, seed: int, variant: str, with_tm: bool, cache_dir, out: Path, threads_parallel: bool):
+def label(dataset: str, soft: float) -> str:
+    """The table's dataset label: ``+soft<w>`` marks loss-matched experts (buffer soft_target_weight w)."""
+    return f"{dataset}+soft{soft:g}" if soft else dataset
+
+
+def run_cell(dataset: str, seed: int, variant: str, with_tm: bool, cache_dir, out: Path, threads_parallel: bool,
+             soft: float = 0.0):
     from lors_fast.engine.pipeline import MainJobConfig, run_main_job
 
-    cfg = MainJobConfig(out=str(out / f"{dataset}-s{seed}-{variant}"), dataset=dataset, seed=seed,
+    buffer = {"soft_target_weight": soft} if soft else {}
+    cfg = MainJobConfig(out=str(out / f"{label(dataset, soft)}-s{seed}-{variant}"), dataset=dataset, seed=seed,
                         cache_dir=cache_dir, baseline=with_tm, random_subset=with_tm, parallel=threads_parallel,
-                        progress=False, lors_distill=dict(VARIANTS[variant]))
+                        progress=False, lors_distill=dict(VARIANTS[variant]), buffer=buffer)
     rec = run_main_job(cfg)
-    row = {"dataset": dataset, "seed": seed, "variant": variant, "overrides": VARIANTS[variant],
+    row = {"dataset": label(dataset, soft), "seed": seed, "variant": variant, "overrides": VARIANTS[variant],
            "lors": _r_means(rec, "lors"), "timings_s": rec["timings_s"]}
     if with_tm:
         row["tm"], row["random"] = _r_means(rec, "tm"), _r_means(rec, "random")
@@ -97,6 +104,8 @@ def main(argv=None) -> None:
     p.add_argument("--variants", nargs="+", default=["adam-r"], choices=sorted(VARIANTS))
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--out", default="runs/protocol")
+    p.add_argument("--soft-target-weight", type=float, default=0.0,
+                   help="loss-matched experts: the buffer's soft_target_weight (0: identity-target experts)")
     p.add_argument("--serial", action="store_true", help="one process per cell (default: the main job's two)")
     p.add_argument("--report", action="store_true", help="print the table of <out>/protocol.jsonl and stop")
     a = p.parse_args(argv)
@@ -109,13 +118,14 @@ def main(argv=None) -> None:
     log = out / "protocol.jsonl"
     rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.is_file() else []
     if not a.report:
-        for ds in a.datasets:
+        for name in a.datasets:
+            ds = label(name, a.soft_target_weight)
             for seed in a.seeds:
                 for var in a.variants:
                     if any(r["dataset"] == ds and r["seed"] == seed and r["variant"] == var for r in rows):
                         continue
                     with_tm = not any(r["dataset"] == ds and r["seed"] == seed and "tm" in r for r in rows)
-                    row = run_cell(ds, seed, var, with_tm, a.cache_dir, out, not a.serial)
+                    row = run_cell(name, seed, var, with_tm, a.cache_dir, out, not a.serial, a.soft_target_weight)
                     rows.append(row)
                     with open(log, "a", encoding="utf-8") as f:
                         f.write(json.dumps(row) + "\n")

@@ -63,3 +63,8 @@ def test_protocol_report_pairs_by_evaluation_seed():
     line_w = next(x for x in table.splitlines() if "| w |" in x)
     assert "| 0,0 |" not in line_w and line_w.endswith("| no |")  # differences 0, 0.5, -1
     assert set(mining_protocol.VARIANTS) >= {"lors-default", "adam-r", "caption-adam", "wbce-paper"}
+
+
+def test_protocol_labels_loss_matched_experts():
+    assert mining_protocol.label("synthetic-mm", 0.3) == "synthetic-mm+soft0.3"
+    assert mining_protocol.label("synthetic", 0.0) == "synthetic"
