@@ -15,8 +15,8 @@ say "left" and "right".
 
 Determinism: expert ``i`` draws everything (init, data order, augmentation, dropout) from seeds derived
 from (``seed``, i), so it is the same whichever process trains it. Under torchrun (WORLD_SIZE > 1) the
-experts are sharded — expert i on rank i % world — over a gloo process group; rank 0 writes the index
-and the forgetting statistics.
+experts are sharded — expert i on rank i % world — over the torchrun process group (gloo on CPU, NCCL on
+GPU; :mod:`lors_fast.engine.dist`, kept for later stages); rank 0 writes the index and the forgetting statistics.
 
 Forgetting events (for the forgetting coreset): per train image, the number of presentations at which
 its in-batch image→text retrieval (row argmax of the logits) was wrong after having been right at its
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from lors_fast.data.datasets import DATASETS, PairDataset, load_split
 from lors_fast.data.io import save_safetensors_atomic
+from lors_fast.engine import dist
 from lors_fast.engine.trajectories import TrajectoryStore
 from lors_fast.models import FlatModel, StudentSpec, build_student, seeded
 
@@ -414,25 +415,6 @@ def train_expert(idx: int, cfg: BufferConfig, spec: StudentSpec, train: PairData
     return ExpertTrainer(idx, cfg, spec, train, train_emb, eval_ds, eval_emb).run()
 
 
-def _dist_setup():
-    """(rank, world, created) — joins a gloo group when launched by torchrun with WORLD_SIZE > 1."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("gloo")
-        return dist.get_rank(), dist.get_world_size(), True
-    return 0, 1, False
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
 def store_meta(
     cfg: BufferConfig, spec: StudentSpec, train: PairDataset, fi: FlatModel, ft: FlatModel
 ) -> dict:
@@ -498,7 +480,8 @@ class BufferBuilder:
             torch.set_num_threads(cfg.threads)
         self.cfg = cfg
         self._lock = contextlib.ExitStack()
-        self.rank, self.world, self._created = _dist_setup()
+        self._created = dist.setup(cfg.device)  # torchrun: join (or reuse) the process group
+        self.rank, self.world = dist.rank_world()
         try:
             if self.rank == 0:  # one writer job per store (the ranks of a torchrun job share rank 0's lock)
                 from lors_fast.data.runlock import hold
@@ -510,7 +493,7 @@ class BufferBuilder:
             raise
 
     def _setup(self, caption_embeddings) -> None:
-        cfg, rank, world = self.cfg, self.rank, self.world
+        cfg, rank = self.cfg, self.rank
         kw = dict(root=cfg.root, ann_root=cfg.ann_root, cache_dir=cfg.cache_dir, image_size=cfg.image_size,
                   progress=cfg.progress and rank == 0)
         if cfg.dataset in ("synthetic", "synthetic-mm"):
@@ -525,7 +508,7 @@ class BufferBuilder:
 
         if rank == 0:  # one process fills the text-embedding cache, the others then read it
             self.train_emb, self.eval_emb = embed(cfg.progress)
-        _barrier(world)
+        dist.barrier()
         if rank != 0:
             self.train_emb, self.eval_emb = embed(False)
         self.spec = cfg.spec(text_dim=int(self.train_emb.shape[1]))
@@ -536,7 +519,7 @@ class BufferBuilder:
             if not cfg.resume and store.expert_ids:
                 raise ValueError(
                     f"{cfg.out} already holds experts {store.expert_ids}; pass resume=True (--resume) or another --out")
-        _barrier(world)
+        dist.barrier()
         self.store = store if rank == 0 else TrajectoryStore(cfg.out)
 
     def step(self, idx: int) -> dict:
@@ -563,7 +546,7 @@ class BufferBuilder:
         if skipped:
             log.info("rank %d: experts %s already in %s, skipped", rank, skipped, cfg.out)
         results = {i: self.save(i, self.step(i)) for i in todo}
-        _barrier(world)
+        dist.barrier()
         if rank == 0:
             self.store.finalize()
             write_forgetting(self.store)
@@ -571,12 +554,10 @@ class BufferBuilder:
                 "skipped": skipped, "results": results, "config": asdict(cfg)}
 
     def close(self) -> None:
-        """Release the store's lock and leave the process group this stage joined (if it joined one)."""
+        """Release the store's lock and end this stage's use of the process group (:func:`dist.teardown`)."""
         self._lock.close()
         if self._created:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+            dist.teardown(self._created, together=False)
             self._created = False
 
     def __enter__(self) -> BufferBuilder:
