@@ -19,6 +19,7 @@ import ctypes
 import gc
 
 import pytest
+from _memory import status_bytes as _status  # bench/ is on sys.path (pytest rootdir)
 
 FULL_MARK = "bench_full"
 
@@ -42,14 +43,6 @@ def pytest_collection_modifyitems(config, items):
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = [it for it in items if it.get_closest_marker(FULL_MARK) is None]
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
 def _trim() -> None:

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from _memory import status_bytes as _status  # bench/ is on sys.path (pytest rootdir, or the script's folder)
 
 D, RANK = 256, 10
 SIZES = (1024, 4096, 8192)
@@ -93,14 +94,6 @@ def make_case(n: int, kind: str, backend: str, mode: str, chunk: int | None = No
         torch.autograd.grad(f, leaves, allow_unused=True)
 
     return run
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
 def _reset_peak() -> bool:
