@@ -27,6 +27,19 @@ from lors_fast.ops.triton_kernels import _ld, _phi, _s_tile
 
 
 @triton.jit
+def _tile2d(r0, R, N, BM: tl.constexpr, BN: tl.constexpr):
+    """This program's (BM × BN) tile of the strip (grid: row blocks × column blocks): its linear index, the
+    global row and column offsets, the row / column masks and the tile's mask."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = r0 + pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    rmask = offs_m < r0 + R
+    cmask = offs_n < N
+    return pid_m * tl.num_programs(1) + pid_n, offs_m, offs_n, rmask, cmask, rmask[:, None] & cmask[None, :]
+
+
+@triton.jit
 def _load_x(X, ldx, offs_m, offs_n, r0, rmask, cmask, ACC: tl.constexpr):
     return tl.load(X + (offs_m - r0)[:, None].to(tl.int64) * ldx + offs_n[None, :],
                    mask=rmask[:, None] & cmask[None, :], other=0.0).to(ACC)
@@ -80,14 +93,8 @@ def _strip_bwd_kernel(X, ldx, r0, R, M, N, sc_ptr, bi_ptr, La, Lb, a_ptr, r, w_p
                       BN: tl.constexpr, RP: tl.constexpr, ACC: tl.constexpr, LR_PREC: tl.constexpr):
     """Backward epilogue of one (BM × BN) tile of the strip: G (and H, da) and the tile's ∂s, ∂b partials
     (module docstring). G and H have the strip's shape (R × N, row i at (i − r0)·N)."""
-    pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    tile = pid_m * tl.num_programs(1) + pid_n
-    offs_m = r0 + pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    rmask = offs_m < r0 + R
-    cmask = offs_n < N
-    valid = rmask[:, None] & cmask[None, :]
+    tile, offs_m, offs_n, rmask, cmask, valid = _tile2d(r0, R, N, BM, BN)
     s = tl.load(sc_ptr).to(ACC)
     b = tl.load(bi_ptr).to(ACC)
     x = _load_x(X, ldx, offs_m, offs_n, r0, rmask, cmask, ACC)
@@ -164,14 +171,8 @@ def _strip_dbl_kernel(X, Mt, r0, R, M, N, sc_ptr, bi_ptr, sbar_ptr, bbar_ptr, La
     Stored: A = s·δZ + s̄·G and G (for ∂U = A·V + s·G·V̄, ∂V = Aᵀ·U + s·Gᵀ·Ū, library GEMMs), δS and H
     (low-rank: ∂Lc = δS·R + H·R̄, ∂R = δSᵀ·Lc + Hᵀ·L̄, ∂a = diag(δS) → ga), part_s = Σ δZ⊙X + G⊙Mt (∂s),
     part_b = Σ δZ (∂b)."""
-    pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    tile = pid_m * tl.num_programs(1) + pid_n
-    offs_m = r0 + pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    rmask = offs_m < r0 + R
-    cmask = offs_n < N
-    valid = rmask[:, None] & cmask[None, :]
+    tile, offs_m, offs_n, rmask, cmask, valid = _tile2d(r0, R, N, BM, BN)
     s = tl.load(sc_ptr).to(ACC)
     b = tl.load(bi_ptr).to(ACC)
     sb = tl.load(sbar_ptr).to(ACC)
