@@ -232,16 +232,21 @@ def pair_forward(c, kind_code: int, target, w):
     return torch.cat(parts).sum()
 
 
+def _grad_inputs(c, lse, target, w, g):
+    """The backward / double backward's optional inputs as kernel arguments: (a 2-element dummy, the four LSE
+    vectors, the low-rank parts, the wbce weights, the upstream scalar), each absent one the dummy."""
+    d = c.dummy()
+    lse = lse if lse is not None else (d, d, d, d)
+    g = _scalar(g, c.acc, c.device) if g is not None else d
+    return d, lse, _lowrank_parts(target, c), d if w is None else w, g
+
+
 def backward(c, kind_code: int, lse=None, target=None, w=None, g=None):
     """(dU, dV, ds, db, da, dLc, dR) by strips: ``lse`` = (lr, lc, glr, glc) for the LSE primitive (kind 0);
     pair kinds: ``target`` (low-rank or None), ``w`` (wbce weights), ``g`` (the upstream scalar). The last
     three are None without a low-rank target."""
     K = _kernels()
-    d = c.dummy()
-    lr, lc_, glr, glc = lse if lse is not None else (d, d, d, d)
-    tgt, a, Lc, R_, r = _lowrank_parts(target, c)
-    w = d if w is None else w
-    g = _scalar(g, c.acc, c.device) if g is not None else d
+    d, (lr, lc_, glr, glc), (tgt, a, Lc, R_, r), w, g = _grad_inputs(c, lse, target, w, g)
     gdt = c.dtype if c.dtype in (torch.bfloat16, torch.float16) else c.acc
     esz = c.U.new_empty(0, dtype=c.acc).element_size()
     rows = _rows(c, esz + c.U.new_empty(0, dtype=gdt).element_size() + (esz if tgt else 0))
@@ -283,11 +288,7 @@ def double(c, kind_code: int, Ub, Vb, sbar, bbar, lse=None, target=None, w=None,
     LSE: (gU, gV, gs, gb, ρ, κ) — ρ, κ the gradients w.r.t. the row / column cotangents;
     pair: (gU, gV, gs, gb, gg, ga, gL, gR), the last three None without a low-rank target."""
     K = _kernels()
-    d = c.dummy()
-    lr, lc_, glr, glc = lse if lse is not None else (d, d, d, d)
-    tgt, a, Lc, R_, r = _lowrank_parts(target, c)
-    w = d if w is None else w
-    g = _scalar(g, c.acc, c.device) if g is not None else d
+    d, (lr, lc_, glr, glc), (tgt, a, Lc, R_, r), w, g = _grad_inputs(c, lse, target, w, g)
     sb, bb = _scalar(sbar, c.acc, c.device), _scalar(bbar, c.acc, c.device)
     Ub = Ub.detach().to(c.dtype).contiguous()
     Vb = Vb.detach().to(c.dtype).contiguous()
